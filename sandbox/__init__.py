@@ -1,0 +1,1 @@
+"""Sandboxed execution of candidate code: static checks, the worker and its backends."""
