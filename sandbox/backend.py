@@ -6,6 +6,7 @@ import abc
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from typing import Any, Callable
 
 from sandbox.protocol import Job, StageResult
 
@@ -50,8 +51,16 @@ class SandboxBackend(abc.ABC):
     kind: BackendKind
 
     @abc.abstractmethod
-    def run(self, job: Job, job_dir: Path, limits: Limits) -> StageResult:
+    def run(
+        self,
+        job: Job,
+        job_dir: Path,
+        limits: Limits,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> StageResult:
         """Run `job` in `job_dir` and return its result.
+
+        `on_progress` receives each event the worker appends to its progress file.
 
         Never raises for a candidate fault: timeouts, OOM kills, crashes and a
         missing result file all come back as a failed StageResult with stage
