@@ -84,8 +84,8 @@ class Task(abc.ABC):
         """Return the task description placed in the LLM's system prompt."""
 
     @abc.abstractmethod
-    def seeds(self) -> list[SeedProgram]:
-        """Return the seed programs whose measured fitness opens the first prompt."""
+    def seeds(self, group: str = "baselines") -> list[SeedProgram]:
+        """Return the seed programs of `group` whose measured fitness opens the first prompt."""
 
     def prepare(self, settings: Any, cache_dir: Path, progress: ProgressFn) -> None:
         """Build the cached model and data that every evaluation reads.

@@ -1,0 +1,1 @@
+"""The evolution core: archive, prompts, proposers and the loop."""

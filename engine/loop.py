@@ -1,0 +1,233 @@
+"""The evolution loop: seeds, then one judged proposal per generation.
+
+This is the discovery loop of the DiscoPOP study (Lu et al. 2024, Algorithm 1):
+ask the proposer for a program, validate it, send invalid ones back with the
+error and resample, train and score valid ones and send the fitness back.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+from engine.archive import Archive
+from engine.candidate import Candidate, Origin, Status
+from engine.pipeline import Pipeline
+from engine.prompts import INVALID_PREFIX, ContextOptions, build_messages, feedback_message, system_prompt
+from engine.proposer import HistoryEntry, ProposalRequest, Proposer, ProposerReply
+from engine.reply import ReplyParseError, parse_reply
+from evaluators.task import SeedProgram, Task
+from sandbox.protocol import Stage
+
+logger = logging.getLogger(__name__)
+
+
+class Reporter(Protocol):
+    """What the loop tells the person watching."""
+
+    def generation_started(self, generation: int, total: int) -> None: ...
+
+    def candidate_started(self, candidate: Candidate) -> None: ...
+
+    def candidate_finished(self, candidate: Candidate) -> None: ...
+
+    def generation_finished(self, generation: int, candidates: list[Candidate]) -> None: ...
+
+
+class BudgetExceeded(RuntimeError):
+    """Raised by a proposer when a spending limit would be crossed by the next call."""
+
+
+@dataclass(frozen=True)
+class LoopOptions:
+    generations: int
+    max_attempts: int
+    seed: int
+    context: ContextOptions = ContextOptions()
+    time_budget_s: float = 0.0  # 0 means no limit
+
+
+def interface_text(task: Task) -> str:
+    """Describe the function a candidate must define, in both accepted forms."""
+    params = ", ".join(task.interface.params)
+    hyper = task.interface.hyperparameters
+    lines = [
+        "Write one Python function with exactly these parameters:",
+        f"    def <name>(self, {params}):",
+    ]
+    if hyper:
+        reads = ", ".join(f"self.{name}" for name in hyper)
+        lines.append(f"Read {reads} for the hyperparameter value(s); do not hard-code them.")
+    if task.interface.returns:
+        lines.append(f"It must return {task.interface.returns}.")
+    lines.append(
+        "You may import only torch, torch.nn.functional (as F) and math. Do not read files, "
+        "use the network, start processes, or access attributes whose names start with an underscore."
+    )
+    return "\n".join(lines)
+
+
+class Evolution:
+    """Drives one run from its seeds to its last generation; resumable at any point."""
+
+    def __init__(
+        self,
+        task: Task,
+        settings: object,
+        archive: Archive,
+        pipeline: Pipeline,
+        proposer: Proposer,
+        reporter: Reporter,
+        options: LoopOptions,
+    ) -> None:
+        self.task = task
+        self.settings = settings
+        self.archive = archive
+        self.pipeline = pipeline
+        self.proposer = proposer
+        self.reporter = reporter
+        self.options = options
+        self._system = system_prompt(task.prompt_text(settings), interface_text(task))
+
+    # seeds
+
+    def add_seeds(self, seeds: list[SeedProgram]) -> None:
+        """Insert the seed programs once; a resumed run finds them already there."""
+        if self.archive.seeds():
+            return
+        for index, seed in enumerate(seeds):
+            candidate = Candidate(
+                id=f"seed-{seed.name}",
+                generation=0,
+                attempt=index,
+                origin=Origin.SEED,
+                name=seed.name,
+                code=seed.code,
+                thought=seed.thought,
+            )
+            self.archive.insert(candidate)
+
+    def judge_unfinished(self) -> None:
+        """Finish every candidate left unfinished by an earlier, interrupted process."""
+        for candidate in self.archive.unfinished():
+            logger.info("resuming candidate %s (%s) from status %s", candidate.id, candidate.name, candidate.status.value)
+            self.reporter.candidate_started(candidate)
+            self.pipeline.judge(candidate)
+            if candidate.origin is Origin.PROPOSER:
+                candidate.feedback = feedback_message(candidate)
+                self.archive.update(candidate)
+            self.reporter.candidate_finished(candidate)
+
+    # generations
+
+    def run(self) -> None:
+        start = time.monotonic()
+        self.judge_unfinished()
+        completed = self.archive.get_meta("completed_generations", 0)
+        for generation in range(completed + 1, self.options.generations + 1):
+            if self.options.time_budget_s and time.monotonic() - start > self.options.time_budget_s:
+                logger.info("time budget of %.0f s reached before generation %d", self.options.time_budget_s, generation)
+                self.archive.log_event("budget", {"kind": "time", "generation": generation})
+                break
+            self.reporter.generation_started(generation, self.options.generations)
+            candidates = self.run_generation(generation)
+            self.archive.set_meta("completed_generations", generation)
+            self.reporter.generation_finished(generation, candidates)
+
+    def run_generation(self, generation: int) -> list[Candidate]:
+        """Propose until one candidate is evaluated or the attempts are used up."""
+        produced = self.archive.candidates("generation=? AND origin=?", (generation, Origin.PROPOSER.value))
+        if any(c.status is Status.EVALUATED for c in produced):
+            return produced
+        for attempt in range(len(produced) + 1, self.options.max_attempts + 1):
+            candidate = self.propose(generation, attempt)
+            self.reporter.candidate_started(candidate)
+            if candidate.status is Status.PENDING:
+                self.pipeline.judge(candidate)
+            candidate.feedback = feedback_message(candidate)
+            self.archive.update(candidate)
+            self.reporter.candidate_finished(candidate)
+            produced.append(candidate)
+            if candidate.status is Status.EVALUATED:
+                break
+        return produced
+
+    def history(self) -> list[HistoryEntry]:
+        return [
+            HistoryEntry(name=c.name, code=c.code, fitness=c.fitness, status=c.status.value)
+            for c in self.archive.candidates()
+            if c.status.is_final
+        ]
+
+    def propose(self, generation: int, attempt: int) -> Candidate:
+        """Ask the proposer once and store the reply as a candidate (parsed or not)."""
+        seeds = self.archive.seeds()
+        proposals = list(self.archive.iter_proposals())
+        messages = build_messages(self._system, seeds, proposals, self.options.context)
+        request = ProposalRequest(
+            messages=messages,
+            history=self.history(),
+            generation=generation,
+            attempt=attempt,
+            seed=self.options.seed,
+        )
+        reply: ProposerReply = self.proposer.propose(request)
+        candidate_id = self.archive.next_candidate_id(generation, attempt)
+        context_ids = [c.id for c in seeds] + [c.id for c in proposals if c.status.is_final]
+        candidate = Candidate(
+            id=candidate_id,
+            generation=generation,
+            attempt=attempt,
+            origin=Origin.PROPOSER,
+            name="",
+            code="",
+            reply=reply.text,
+            model=reply.model,
+            context_ids=context_ids,
+        )
+        candidate.timings["llm_s"] = round(reply.latency_s, 3)
+        try:
+            proposal = parse_reply(reply.text)
+        except ReplyParseError as error:
+            candidate.name = f"unparsed_{candidate_id.replace('-', '_')}"
+            candidate.status = Status.REJECTED
+            candidate.stage = Stage.PARSE
+            candidate.category = "parse"
+            candidate.reason = f"the reply could not be parsed: {error.reason}"
+        else:
+            candidate.name = proposal.name
+            candidate.thought = proposal.thought
+            candidate.code = proposal.code
+        self.archive.insert(candidate)
+        self.archive.record_llm_call(
+            generation=generation,
+            attempt=attempt,
+            candidate_id=candidate_id,
+            model=reply.model,
+            prompt_tokens=reply.prompt_tokens,
+            completion_tokens=reply.completion_tokens,
+            latency_s=reply.latency_s,
+        )
+        return candidate
+
+
+def summarize(archive: Archive) -> dict[str, object]:
+    """Return counts by status and the best evaluated proposal (or seed)."""
+    counts: dict[str, int] = {}
+    best: Candidate | None = None
+    best_seed: Candidate | None = None
+    for candidate in archive.candidates():
+        counts[candidate.status.value] = counts.get(candidate.status.value, 0) + 1
+        if candidate.status is not Status.EVALUATED or candidate.fitness is None:
+            continue
+        if candidate.origin is Origin.SEED:
+            if best_seed is None or candidate.fitness > best_seed.fitness:
+                best_seed = candidate
+        elif best is None or candidate.fitness > best.fitness:
+            best = candidate
+    return {"counts": counts, "best": best, "best_seed": best_seed}
+
+
+__all__ = ["Evolution", "LoopOptions", "Reporter", "BudgetExceeded", "INVALID_PREFIX", "interface_text", "summarize"]
