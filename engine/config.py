@@ -165,10 +165,13 @@ def config_from_dict(values: dict[str, Any], source: str = "config") -> RunConfi
             kwargs[key] = _coerce(key, value, top_fields[key], source, problems)
         else:
             problems.append(f"{source}: unknown key {key!r}; known keys: {sorted(top_fields)}")
+    config = RunConfig(**kwargs)
+    try:
+        config.validate()
+    except ConfigError as error:
+        problems.extend(error.problems)
     if problems:
         raise ConfigError(problems)
-    config = RunConfig(**kwargs)
-    config.validate()
     return config
 
 
@@ -192,6 +195,7 @@ def _coerce(key: str, value: Any, spec: dataclasses.Field, where: str, problems:
         wanted = checks[expected]
         if not isinstance(value, wanted) or (wanted is int and isinstance(value, bool)):
             problems.append(f"{where}: {key} = {value!r} has type {type(value).__name__}, expected {expected}")
+            return spec.default
     return value
 
 

@@ -51,17 +51,24 @@ def list_tasks() -> list[str]:
 
 
 def get_task(name: str) -> Task:
-    """Return a new instance of the task called `name`."""
+    """Return a new instance of the task called `name`, or of a "package.module:Class" path."""
     if name in _registered:
         return _registered[name]()
     targets = _all_targets()
+    if ":" in name and name not in targets:
+        targets[name] = name
     if name not in targets:
         known = list_tasks()
         close = difflib.get_close_matches(name, known, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise UnknownTaskError(f"unknown task {name!r}.{hint} Known tasks: {', '.join(known)}.")
     module_name, _, class_name = targets[name].partition(":")
-    module = importlib.import_module(module_name)
-    task_class = getattr(module, class_name)
+    try:
+        module = importlib.import_module(module_name)
+        task_class = getattr(module, class_name)
+    except (ImportError, AttributeError) as error:
+        raise UnknownTaskError(f"task {name!r} points to {targets[name]!r}, which cannot be loaded: {error}") from None
+    if not (isinstance(task_class, type) and issubclass(task_class, Task)):
+        raise UnknownTaskError(f"task {name!r} points to {targets[name]!r}, which is not a Task subclass")
     _registered.setdefault(name, task_class)
     return task_class()
