@@ -15,11 +15,24 @@ from engine.config import ConfigError, config_from_dict, load_config_file, merge
 logger = logging.getLogger("engine")
 console = Console()
 
-SUBCOMMANDS = ("tasks",)
+# Each subcommand lives in engine/commands/<name>.py and exposes main(argv) -> exit code.
+SUBCOMMANDS = {
+    "tasks": "list the registered tasks",
+    "check": "run the parse, static and unit-test stages on one candidate file or reply",
+    "audit": "rejected candidates of a run, grouped by stage and reason",
+    "show": "leaderboard, lineage and totals of a run",
+    "plot": "PNG plots of a run: fitness by generation, loss shapes, training curves",
+    "export": "write a candidate as a standalone module with a TRL trainer subclass",
+    "rerun": "re-evaluate one candidate with the same settings and seed",
+    "train": "fine-tune once with a library loss and report its fitness",
+    "analyze": "plot a loss and its gradient over rho for a beta sweep",
+    "sandbox": "build the sandbox image or check its isolation",
+    "heldout": "evaluate a candidate on another task or preset",
+}
 
 _EPILOG = """
-other commands:
-  evolve tasks                 list the registered tasks
+other commands (evolve COMMAND --help for details):
+{commands}
 
 examples:
   evolve --task preference --generations 2
@@ -46,7 +59,9 @@ def build_run_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="evolve",
         description="Evolve training objectives with an LLM; every candidate is checked and run in a sandbox.",
-        epilog=_EPILOG,
+        epilog=_EPILOG.format(
+            commands="\n".join(f"  evolve {name:<10} {text}" for name, text in available_commands().items())
+        ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     run = parser.add_argument_group("run")
@@ -143,11 +158,12 @@ def configure_logging(run_dir: Path | None, level: str) -> None:
 
 
 def run_command(argv: list[str]) -> int:
+    parser = build_run_parser()
+    args = parser.parse_args(argv)
+
     from engine.runner import RunError
     from engine.session import run_session
 
-    parser = build_run_parser()
-    args = parser.parse_args(argv)
     overrides = _overrides_from_args(args)
     try:
         if args.resume is not None:
@@ -164,25 +180,23 @@ def run_command(argv: list[str]) -> int:
         return 1
 
 
-def tasks_command(argv: list[str]) -> int:
-    from evaluators.registry import get_task, list_tasks
+def available_commands() -> dict[str, str]:
+    """Return the subcommands whose module is present."""
+    import importlib.util
 
-    parser = argparse.ArgumentParser(prog="evolve tasks", description="List the registered tasks.")
-    parser.parse_args(argv)
-    for name in list_tasks():
-        try:
-            description = get_task(name).description
-        except Exception as error:  # noqa: BLE001 - a broken plugin must not hide the others
-            description = f"(cannot be loaded: {type(error).__name__}: {error})"
-        console.print(f"[bold]{name}[/]  {description}")
-    return 0
+    return {name: text for name, text in SUBCOMMANDS.items() if importlib.util.find_spec(f"engine.commands.{name}")}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in SUBCOMMANDS:
-        handlers = {"tasks": tasks_command}
-        return handlers[argv[0]](argv[1:])
+        import importlib
+
+        module = importlib.import_module(f"engine.commands.{argv[0]}")
+        try:
+            return module.main(argv[1:])
+        except KeyboardInterrupt:
+            return 130
     return run_command(argv)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -17,3 +18,14 @@ TOY_TASK = "tests.support.toy_task:ToyTask"
 @pytest.fixture
 def toy_task_name() -> str:
     return TOY_TASK
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Turn a skipped Docker test into a failure when EVOLVE_REQUIRE_DOCKER=1 (set by CI)."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and item.get_closest_marker("docker") and os.environ.get("EVOLVE_REQUIRE_DOCKER") == "1":
+        report.outcome = "failed"
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.longrepr = f"Docker test skipped but EVOLVE_REQUIRE_DOCKER=1 requires it to run: {reason}"

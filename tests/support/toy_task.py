@@ -60,7 +60,7 @@ class ToyTask(Task):
     default_preset = "default"
 
     def presets(self) -> dict[str, Any]:
-        return {"default": ToySettings(), "slow": ToySettings(sleep_s=30.0)}
+        return {"default": ToySettings(), "slow": ToySettings(sleep_s=8.0)}
 
     def prompt_text(self, settings: Any) -> str:
         return "Design a pairwise preference loss for a linear scorer."

@@ -1,0 +1,1 @@
+"""Subcommands of `evolve`; each module exposes main(argv) -> exit code."""

@@ -1,0 +1,103 @@
+"""The process backend with real child processes: isolation, deadlines, reaping."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+
+import pytest
+
+from sandbox.backend import Limits
+from sandbox.process_backend import ProcessBackend, network_isolation_available
+from sandbox.protocol import Job, JobKind, Stage
+
+DPO = """import torch.nn.functional as F
+
+def loss_fn(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, beta):
+    rho = (policy_chosen_logps - reference_chosen_logps) - (policy_rejected_logps - reference_rejected_logps)
+    return -F.logsigmoid(beta * rho)
+"""
+
+HANG = """import torch.nn.functional as F
+
+def loss_fn(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps):
+    n = 0
+    while n >= 0:
+        n += 1
+    return -F.logsigmoid(policy_chosen_logps - policy_rejected_logps)
+"""
+
+pytestmark = pytest.mark.skipif(not network_isolation_available(), reason="unshare -rn is not permitted here")
+
+
+def run_job(tmp_path, task, code, kind=JobKind.EVALUATE, settings=None, timeout_s=60.0):
+    backend = ProcessBackend()
+    job = Job(kind=kind, task=task, settings=settings or {}, cache_dir=str(tmp_path / "cache"), code=code)
+    return backend.run(job, tmp_path / "job", Limits(timeout_s=timeout_s, memory_mb=4096, cpus=1))
+
+
+def children_of(pid: int) -> list[str]:
+    listing = subprocess.run(["ps", "-o", "pid=,stat=", "--ppid", str(pid)], capture_output=True, text=True)
+    return [line.split() for line in listing.stdout.strip().splitlines()]
+
+
+def test_process_job_evaluates_toy_task(tmp_path, toy_task_name):
+    result = run_job(tmp_path, toy_task_name, DPO)
+    assert result.ok, result.reason + result.log_tail
+    assert result.stage is Stage.EVALUATE
+    assert result.fitness > 0.8
+    assert len(result.metrics["train_loss"]) == 40
+
+
+def test_process_job_environment_is_scrubbed(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-CANARY-7f3a")
+    monkeypatch.setenv("HF_TOKEN", "hf_CANARY_91")
+    result = run_job(tmp_path, "tests.support.probe_task:ProbeTask", DPO)
+    assert result.ok, result.reason + result.log_tail
+    assert result.metrics["canary_in_env"] is False
+    assert "OPENAI_API_KEY" not in result.metrics["env_keys"]
+    assert "HF_TOKEN" not in result.metrics["env_keys"]
+
+
+def test_process_job_cannot_reach_host_loopback(tmp_path):
+    # a server on the host's loopback; the job lives in its own network namespace
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    port = server.getsockname()[1]
+    try:
+        result = run_job(tmp_path, "tests.support.probe_task:ProbeTask", DPO, settings={"port": port})
+    finally:
+        server.close()
+    assert result.ok, result.reason + result.log_tail
+    assert result.metrics["host_loopback"] != "CONNECTED"
+
+
+def test_process_timeout_kills_and_reaps(tmp_path, toy_task_name):
+    start = time.monotonic()
+    result = run_job(tmp_path, toy_task_name, HANG, kind=JobKind.UNIT_TEST, timeout_s=4.0)
+    elapsed = time.monotonic() - start
+    assert not result.ok
+    assert result.category == "timeout"
+    assert result.stage is Stage.SANDBOX
+    assert "timed out" in result.reason
+    assert elapsed < 4.0 + 5.0
+    # nothing left behind: no child process of ours, zombie or alive
+    assert children_of(os.getpid()) == []
+
+
+def test_process_exit_without_result_is_failure(tmp_path, toy_task_name):
+    backend = ProcessBackend()
+    job = Job(kind=JobKind.UNIT_TEST, task=toy_task_name, settings={}, cache_dir=str(tmp_path), code=DPO)
+    job_dir = tmp_path / "job"
+    original = backend.command
+    backend.command = lambda directory: ["python3", "-c", "pass"]
+    try:
+        result = backend.run(job, job_dir, Limits(timeout_s=30))
+    finally:
+        backend.command = original
+    assert not result.ok
+    assert result.category == "no_result"
+    assert "no result file" in result.reason
