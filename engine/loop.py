@@ -172,6 +172,7 @@ class Evolution:
             generation=generation,
             attempt=attempt,
             seed=self.options.seed,
+            task=self.task.name,
         )
         reply: ProposerReply = self.proposer.propose(request)
         candidate_id = self.archive.next_candidate_id(generation, attempt)
@@ -209,6 +210,7 @@ class Evolution:
             prompt_tokens=reply.prompt_tokens,
             completion_tokens=reply.completion_tokens,
             latency_s=reply.latency_s,
+            retries=reply.retries,
         )
         return candidate
 

@@ -40,6 +40,7 @@ class ProposalRequest:
         generation: the generation being filled, from 1.
         attempt: the attempt within the generation, from 1.
         seed: the run's random seed.
+        task: name of the task being evolved.
     """
 
     messages: list[dict[str, str]]
@@ -47,6 +48,7 @@ class ProposalRequest:
     generation: int
     attempt: int
     seed: int
+    task: str = ""
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,7 @@ class ProposerReply:
         prompt_tokens: tokens sent, 0 when not metered.
         completion_tokens: tokens received, 0 when not metered.
         latency_s: wall-clock seconds the call took.
+        retries: transport retries spent on this reply.
     """
 
     text: str
@@ -66,6 +69,7 @@ class ProposerReply:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     latency_s: float = 0.0
+    retries: int = 0
 
 
 class Proposer(abc.ABC):
