@@ -48,7 +48,7 @@ _REPLY_SHAPE = '{"thought": "...", "name": "...", "code": "..."}'
 
 
 class ParseFailure(str, Enum):
-    """Why a reply could not be turned into a proposal."""
+    """Reason a reply could not be turned into a proposal."""
 
     EMPTY = "empty"  # nothing but whitespace: a failed model call
     TRUNCATED = "truncated"  # the object or code fence never closed: a failed model call
@@ -57,7 +57,7 @@ class ParseFailure(str, Enum):
 
 
 class ReplyFormat(str, Enum):
-    """Which form of reply the proposal was read from."""
+    """Form of reply that a proposal was read from."""
 
     JSON = "json"
     PYTHON_DICT = "python_dict"
@@ -65,7 +65,7 @@ class ReplyFormat(str, Enum):
 
 
 class ReplyParseError(ValueError):
-    """Raised when a reply holds no usable proposal.
+    """Raised when a reply contains no usable proposal.
 
     `reason` is written to be sent back to the model in a repair prompt.
     """
@@ -386,7 +386,7 @@ def _clean_code(code: str, warnings: list[str]) -> str:
         warnings.append("removed a code fence inside the 'code' field")
     stripped = textwrap.dedent(stripped)
 
-    # models sometimes escape twice, so the decoded code holds the two
+    # models sometimes escape twice, so the decoded code contains the two
     # characters backslash and n instead of line breaks
     if "\n" not in stripped and "\\n" in stripped and not _parses(stripped):
         unescaped = stripped.replace("\\n", "\n").replace("\\t", "\t").replace('\\"', '"')
