@@ -85,7 +85,12 @@ class Child:
 
 
 class OfflineProposer(Proposer):
-    """Proposes losses by tournament selection, mutation and crossover of loss genomes."""
+    """Proposes losses by tournament selection, mutation and crossover of loss genomes.
+
+    It writes preference-optimization losses only: a method taking the four
+    log-probability parameters and reading `self.beta`. `request.task` is
+    not read, so the caller must not use it for other tasks.
+    """
 
     name = MODEL_NAME
 
