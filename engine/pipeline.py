@@ -58,8 +58,11 @@ class Pipeline:
         seed: int,
         on_stage: StageCallback | None = None,
         on_progress: ProgressCallback | None = None,
+        task_ref: str = "",
     ) -> None:
         self.task = task
+        # what the worker passes to get_task: a registered name or "module:Class"
+        self.task_ref = task_ref or task.name
         self.settings = settings
         self.settings_dict = task.settings_to_dict(settings)
         self.backend = backend
@@ -91,7 +94,7 @@ class Pipeline:
             self._reject(candidate, Stage.STATIC, error.reason, error.category)
             return
 
-        candidate.fingerprint = canonical_fingerprint(candidate.code) or ""
+        candidate.fingerprint = canonical_fingerprint(candidate.code, self._hyperparameters) or ""
         twin = self.archive.find_by_fingerprint(candidate.fingerprint)
         if twin is not None and twin.id != candidate.id:
             self._mark_duplicate(candidate, twin, "same code after normalising names, comments and literals")
@@ -184,7 +187,7 @@ class Pipeline:
         job_dir.mkdir(parents=True)
         job = Job(
             kind=kind,
-            task=self.task.name,
+            task=self.task_ref,
             settings=self.settings_dict,
             cache_dir=str(self.cache_dir),
             code=candidate.code,

@@ -179,10 +179,13 @@ def build_pipeline(context: RunContext, on_stage=None, on_progress=None) -> Pipe
         seed=context.config.seed,
         on_stage=on_stage,
         on_progress=on_progress,
+        task_ref=context.config.task,
     )
 
 
-def prepare_task(task: Task, settings: Any, cache_dir: Path, job_dir: Path, on_progress=None) -> None:
+def prepare_task(
+    task: Task, settings: Any, cache_dir: Path, job_dir: Path, on_progress=None, task_ref: str = ""
+) -> None:
     """Build the task's cached model and data in a child process (trusted code, network allowed).
 
     Preparation may download from a model hub for users who have a network, so
@@ -191,7 +194,7 @@ def prepare_task(task: Task, settings: Any, cache_dir: Path, job_dir: Path, on_p
     job_dir.mkdir(parents=True, exist_ok=True)
     for stale in (RESULT_FILE, PROGRESS_FILE):
         (job_dir / stale).unlink(missing_ok=True)
-    job = Job(kind=JobKind.PREPARE, task=task.name, settings=task.settings_to_dict(settings), cache_dir=str(cache_dir))
+    job = Job(kind=JobKind.PREPARE, task=task_ref or task.name, settings=task.settings_to_dict(settings), cache_dir=str(cache_dir))
     job.write(job_dir)
     env = dict(os.environ)
     env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)

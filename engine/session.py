@@ -56,7 +56,7 @@ def run_session(
         console.print(f"preparing task data and model (cache: {cache_dir}) ...")
         prepare_started = time.monotonic()
         prepare_task(context.task, context.settings, cache_dir, context.run_dir / "jobs" / "prepare",
-                     on_progress=lambda event: logger.debug("prepare: %s", event))
+                     on_progress=lambda event: logger.debug("prepare: %s", event), task_ref=config.task)
         console.print(f"  ready in {time.monotonic() - prepare_started:.0f} s")
 
         pipeline = build_pipeline(context, on_stage=reporter.stage, on_progress=reporter.progress)

@@ -87,17 +87,27 @@ def make_evolution(tmp_path, toy_task_name, replies, generations=2):
     return evolution, proposer, context.archive
 
 
+CANDIDATE_FUNCTIONS = {"shell_out", "mean_loss", "softplus_margin", "tidy_logistic", "squared_margin", "dpo", "hinge"}
+
+
+def _function_names(code) -> set[str]:
+    names = {code.co_name}
+    for const in code.co_consts:
+        if hasattr(const, "co_name"):
+            names |= _function_names(const)
+    return names
+
+
 @pytest.fixture
 def exec_events():
-    """Record every code object executed in this process whose file name marks candidate code."""
+    """Record every code object executed in this process that defines a candidate's function."""
     seen: list[str] = []
 
     def hook(event, args):
-        if event == "exec" and args:
-            code = args[0]
-            filename = getattr(code, "co_filename", "")
-            if filename in ("<candidate>", "<string>") or "loss" in getattr(code, "co_names", ()):
-                seen.append(filename)
+        if event == "exec" and args and hasattr(args[0], "co_consts"):
+            found = _function_names(args[0]) & CANDIDATE_FUNCTIONS
+            if found or args[0].co_filename == "<candidate>":
+                seen.append(f"{args[0].co_filename}: {sorted(found)}")
 
     sys.addaudithook(hook)
     return seen
