@@ -1,0 +1,1 @@
+"""Candidate programs that the pipeline must reject, and benign controls that it must accept."""
