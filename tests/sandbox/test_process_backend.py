@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -38,9 +38,18 @@ def run_job(tmp_path, task, code, kind=JobKind.EVALUATE, settings=None, timeout_
     return backend.run(job, tmp_path / "job", Limits(timeout_s=timeout_s, memory_mb=4096, cpus=1))
 
 
-def children_of(pid: int) -> list[str]:
-    listing = subprocess.run(["ps", "-o", "pid=,stat=", "--ppid", str(pid)], capture_output=True, text=True)
-    return [line.split() for line in listing.stdout.strip().splitlines()]
+def children_of(pid: int) -> list[tuple[int, str]]:
+    """Return (pid, state) of every live or zombie child process of `pid`, read from /proc."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        state, parent = fields[0], int(fields[1])
+        if parent == pid:
+            children.append((int(stat.parent.name), state))
+    return children
 
 
 def test_process_job_evaluates_toy_task(tmp_path, toy_task_name):
