@@ -15,6 +15,7 @@ logger = logging.getLogger(__name__)
 # tasks does not import torch.
 _BUILTIN_TASKS: dict[str, str] = {
     "preference": "evaluators.preference:PreferenceTask",
+    "classification": "evaluators.classification:ClassificationTask",
 }
 _registered: dict[str, type[Task]] = {}
 
