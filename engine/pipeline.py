@@ -84,6 +84,12 @@ class Pipeline:
             self._evaluate(candidate)
         return candidate
 
+    def validate(self, candidate: Candidate) -> Candidate:
+        """Run only the cheap stages (static checks, duplicates, unit tests) on a pending candidate."""
+        if candidate.status is Status.PENDING:
+            self._validate(candidate)
+        return candidate
+
     # validation: static checks, fingerprint, unit tests
 
     def _validate(self, candidate: Candidate) -> None:

@@ -29,3 +29,16 @@ def pytest_runtest_makereport(item, call):
         report.outcome = "failed"
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.longrepr = f"Docker test skipped but EVOLVE_REQUIRE_DOCKER=1 requires it to run: {reason}"
+
+
+@pytest.fixture(scope="session")
+def preference_tiny_cache(tmp_path_factory):
+    """A cache directory prepared once for the preference task's "tiny" preset."""
+    from engine.runner import prepare_task
+    from evaluators.registry import get_task
+
+    task = get_task("preference")
+    settings = task.presets()["tiny"]
+    cache_dir = tmp_path_factory.mktemp("preference-cache")
+    prepare_task(task, settings, cache_dir, cache_dir / "prepare-job")
+    return cache_dir
