@@ -28,20 +28,48 @@ def default_cache_dir() -> Path:
 
 @dataclass(frozen=True)
 class ProposerConfig:
-    """Which model writes candidates.
+    """Which model writes candidates, what it may spend and what it is shown.
 
     Attributes:
         kind: "offline" (the built-in generator, no network) or "openai" (any
             OpenAI-compatible chat endpoint). "auto" picks openai when a base URL
             or the API key variable is set, else offline.
-        model: model name sent to the endpoint.
+        model: model name sent to the endpoint when `models` is empty.
         base_url: endpoint URL, for example http://127.0.0.1:8000/v1; empty for OpenAI's default.
         api_key_env: name of the environment variable holding the API key; the
             key itself is never stored in the config or the archive.
-        temperature: sampling temperature.
+        temperature: sampling temperature, for every model without its own.
         max_tokens: completion token limit per call.
         timeout_s: seconds to wait for one HTTP response.
-        max_retries: retries per call on 429, 5xx, timeouts and connection errors.
+        max_retries: retries per call on 429, 5xx, timeouts, connection errors,
+            malformed bodies and empty or cut-off replies.
+        retry_budget: retries allowed over one session (one `evolve` process),
+            across all calls; when they are spent the next failure stops the run.
+        circuit_breaker: consecutive failed requests to one endpoint (connection
+            errors, timeouts, 5xx, malformed bodies) that stop the run.
+        retry_base_s: first backoff wait in seconds; it doubles per retry, with jitter.
+        retry_max_s: longest backoff wait in seconds, also the cap on Retry-After.
+        max_cost_usd: stop before a call that could take the run's LLM cost
+            above this many US dollars; 0 means no limit.
+        max_run_tokens: stop before a call that could take the run's prompt plus
+            completion tokens above this; 0 means no limit.
+        price_table: TOML or JSON file of model prices in USD per million
+            tokens, added to the built-in table; empty for the built-in table only.
+        models: several models to sample from, each a table with "name" and
+            optional "weight" (default 1), "temperature", "base_url" and
+            "api_key_env"; empty to use `model` alone.
+        model_selection: how a model is picked per call when there are several:
+            "weighted" (random by weight) or "bandit" (Thompson sampling on
+            whether a model's candidates raised the best fitness).
+        context: which earlier proposals the prompt shows: "all" or "top-k".
+        top_k: how many of the best evaluated proposals "top-k" shows.
+        context_order: "chronological" (as proposed) or "sorted" (by fitness,
+            best last).
+        include_thoughts: show the "thought" of earlier replies.
+        include_invalid: show rejected proposals with the error sent back.
+        context_window: the model's context window in tokens; earlier proposals
+            are dropped (oldest or worst first) until the prompt plus
+            `max_tokens` fits. 0 means no trimming.
     """
 
     kind: str = "auto"
@@ -51,7 +79,84 @@ class ProposerConfig:
     temperature: float = 1.0
     max_tokens: int = 2048
     timeout_s: float = 120.0
-    max_retries: int = 4
+    max_retries: int = 6
+    retry_budget: int = 30
+    circuit_breaker: int = 4
+    retry_base_s: float = 1.0
+    retry_max_s: float = 60.0
+    max_cost_usd: float = 0.0
+    max_run_tokens: int = 0
+    price_table: str = ""
+    models: list[dict[str, Any]] = field(default_factory=list)
+    model_selection: str = "weighted"
+    context: str = "all"
+    top_k: int = 5
+    context_order: str = "chronological"
+    include_thoughts: bool = True
+    include_invalid: bool = True
+    context_window: int = 0
+
+    def problems(self) -> list[str]:
+        """Return one line per invalid value, empty when all are valid."""
+        found = []
+        if self.kind not in ("auto", "offline", "openai"):
+            found.append(f"proposer.kind = {self.kind!r}: expected auto, offline or openai")
+        if not 0.0 <= self.temperature <= 2.0:
+            found.append(f"proposer.temperature = {self.temperature}: expected 0 to 2")
+        for name in ("max_retries", "retry_budget", "max_run_tokens", "context_window"):
+            if getattr(self, name) < 0:
+                found.append(f"proposer.{name} = {getattr(self, name)}: expected 0 or more")
+        for name in ("max_tokens", "circuit_breaker", "top_k"):
+            if getattr(self, name) < 1:
+                found.append(f"proposer.{name} = {getattr(self, name)}: expected 1 or more")
+        for name in ("timeout_s", "retry_max_s"):
+            if getattr(self, name) <= 0:
+                found.append(f"proposer.{name} = {getattr(self, name)}: expected a positive number of seconds")
+        if self.retry_base_s < 0:
+            found.append(f"proposer.retry_base_s = {self.retry_base_s}: expected 0 or more seconds")
+        if self.max_cost_usd < 0:
+            found.append(f"proposer.max_cost_usd = {self.max_cost_usd}: expected 0 (no limit) or more US dollars")
+        if self.context_window and self.context_window <= self.max_tokens:
+            found.append(
+                f"proposer.context_window = {self.context_window}: expected more than max_tokens = {self.max_tokens}, "
+                "because the completion must fit in the window too"
+            )
+        if self.model_selection not in ("weighted", "bandit"):
+            found.append(f"proposer.model_selection = {self.model_selection!r}: expected weighted or bandit")
+        if self.context not in ("all", "top-k"):
+            found.append(f"proposer.context = {self.context!r}: expected all or top-k")
+        if self.context_order not in ("chronological", "sorted"):
+            found.append(f"proposer.context_order = {self.context_order!r}: expected chronological or sorted")
+        found.extend(self._model_problems())
+        return found
+
+    def _model_problems(self) -> list[str]:
+        if not isinstance(self.models, list):
+            return [f"proposer.models = {self.models!r}: expected a list of tables with a name"]
+        found = []
+        known = {"name", "weight", "temperature", "base_url", "api_key_env"}
+        names = []
+        for index, entry in enumerate(self.models):
+            where = f"proposer.models[{index}]"
+            if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not entry["name"].strip():
+                found.append(f"{where} = {entry!r}: expected a table with a non-empty string \"name\"")
+                continue
+            names.append(entry["name"])
+            unknown = sorted(set(entry) - known)
+            if unknown:
+                found.append(f"{where}: unknown key(s) {unknown}; known keys: {sorted(known)}")
+            weight = entry.get("weight", 1.0)
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
+                found.append(f"{where}.weight = {weight!r}: expected a positive number")
+            temperature = entry.get("temperature")
+            if temperature is not None and (
+                isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2
+            ):
+                found.append(f"{where}.temperature = {temperature!r}: expected 0 to 2")
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            found.append(f"proposer.models: model(s) {repeated} listed more than once; list each model once")
+        return found
 
 
 @dataclass(frozen=True)
@@ -123,12 +228,7 @@ class RunConfig:
             problems.append(f"max_attempts = {self.max_attempts}: expected 1 or more")
         if self.time_budget_min < 0:
             problems.append(f"time_budget_min = {self.time_budget_min}: expected 0 (no limit) or more")
-        if self.proposer.kind not in ("auto", "offline", "openai"):
-            problems.append(f"proposer.kind = {self.proposer.kind!r}: expected auto, offline or openai")
-        if not 0.0 <= self.proposer.temperature <= 2.0:
-            problems.append(f"proposer.temperature = {self.proposer.temperature}: expected 0 to 2")
-        if self.proposer.max_retries < 0:
-            problems.append(f"proposer.max_retries = {self.proposer.max_retries}: expected 0 or more")
+        problems.extend(self.proposer.problems())
         if self.sandbox.backend not in ("auto", "process", "docker"):
             problems.append(f"sandbox.backend = {self.sandbox.backend!r}: expected auto, process or docker")
         for name in ("unit_test_timeout_s", "train_timeout_s", "cpus"):
