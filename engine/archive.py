@@ -64,7 +64,11 @@ CREATE TABLE IF NOT EXISTS llm_calls (
     latency_s REAL NOT NULL DEFAULT 0,
     retries INTEGER NOT NULL DEFAULT 0,
     error TEXT NOT NULL DEFAULT '',
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    requests INTEGER NOT NULL DEFAULT 1,
+    served_model TEXT NOT NULL DEFAULT '',
+    temperature REAL,
+    retry_errors TEXT NOT NULL DEFAULT '[]'
 );
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -75,6 +79,17 @@ CREATE TABLE IF NOT EXISTS events (
 """
 
 _JSON_FIELDS = ("metrics", "context_ids", "timings")
+
+# llm_calls columns added after the first schema, with the definition that
+# adds them to an older archive: HTTP requests sent for the call (1 + retries),
+# the model name the endpoint reported, the sampling temperature and a JSON
+# list describing each failed request.
+_LLM_CALL_COLUMNS = {
+    "requests": "INTEGER NOT NULL DEFAULT 1",
+    "served_model": "TEXT NOT NULL DEFAULT ''",
+    "temperature": "REAL",
+    "retry_errors": "TEXT NOT NULL DEFAULT '[]'",
+}
 
 
 class Archive:
@@ -92,6 +107,7 @@ class Archive:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
+            self._add_llm_call_columns()
             self._db.commit()
             if self.get_meta("schema_version") is None:
                 self.set_meta("schema_version", SCHEMA_VERSION)
@@ -198,9 +214,11 @@ class Archive:
         return [dict(row) for row in self._db.execute("SELECT * FROM llm_calls ORDER BY id")]
 
     def llm_totals(self) -> dict[str, float]:
+        """Return the run's LLM totals; a call with an error produced no candidate."""
         row = self._db.execute(
             "SELECT COUNT(*), COALESCE(SUM(prompt_tokens),0), COALESCE(SUM(completion_tokens),0), "
-            "COALESCE(SUM(cost_usd),0), COALESCE(SUM(retries),0) FROM llm_calls"
+            "COALESCE(SUM(cost_usd),0), COALESCE(SUM(retries),0), COALESCE(SUM(requests),0), "
+            "COALESCE(SUM(error != ''),0) FROM llm_calls"
         ).fetchone()
         return {
             "calls": row[0],
@@ -208,7 +226,17 @@ class Archive:
             "completion_tokens": row[2],
             "cost_usd": row[3],
             "retries": row[4],
+            "requests": row[5],
+            "failed_calls": row[6],
         }
+
+    def _add_llm_call_columns(self) -> None:
+        present = {row[1] for row in self._db.execute("PRAGMA table_info(llm_calls)")}
+        for column, definition in _LLM_CALL_COLUMNS.items():
+            if column not in present:
+                self._db.execute(f"ALTER TABLE llm_calls ADD COLUMN {column} {definition}")
+                if column == "requests":
+                    self._db.execute("UPDATE llm_calls SET requests = retries + 1")
 
     @staticmethod
     def _row_values(candidate: Candidate) -> dict[str, Any]:
