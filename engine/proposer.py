@@ -57,11 +57,18 @@ class ProposerReply:
 
     Attributes:
         text: the raw reply, parsed later by `parse_reply`.
-        model: the model or generator that wrote it.
-        prompt_tokens: tokens sent, 0 when not metered.
-        completion_tokens: tokens received, 0 when not metered.
-        latency_s: wall-clock seconds the call took.
-        retries: transport retries spent on this reply.
+        model: the model or generator that wrote it, as configured; this is
+            the name the loop reports back through `Proposer.observe`.
+        prompt_tokens: tokens sent over all requests of the call, 0 when not metered.
+        completion_tokens: tokens received over all requests of the call,
+            including cut-off replies that were retried; 0 when not metered.
+        latency_s: wall-clock seconds the call took, retries included.
+        retries: requests retried after a transport fault or an empty or cut-off reply.
+        cost_usd: price of those tokens in US dollars, 0 when not priced.
+        requests: HTTP requests sent for this reply (1 + retries for an endpoint).
+        served_model: the model name the endpoint reported, "" when unknown.
+        temperature: the sampling temperature used, None when not applicable.
+        retry_errors: one short description per failed request, in order.
     """
 
     text: str
@@ -70,6 +77,26 @@ class ProposerReply:
     completion_tokens: int = 0
     latency_s: float = 0.0
     retries: int = 0
+    cost_usd: float = 0.0
+    requests: int = 1
+    served_model: str = ""
+    temperature: float | None = None
+    retry_errors: tuple[str, ...] = ()
+
+
+class ProposerStopped(RuntimeError):
+    """Raised when no further request may be sent, so the run stops and can be resumed.
+
+    `usage` is what the failed call had already spent (tokens of cut-off
+    replies, requests sent), so the archive can account for it; None when
+    no request was sent.
+    """
+
+    exit_code = 1
+
+    def __init__(self, message: str, usage: ProposerReply | None = None) -> None:
+        super().__init__(message)
+        self.usage = usage
 
 
 class Proposer(abc.ABC):
@@ -80,3 +107,10 @@ class Proposer(abc.ABC):
     @abc.abstractmethod
     def propose(self, request: ProposalRequest) -> ProposerReply:
         """Return the reply text for one request."""
+
+    def observe(self, candidate_model: str, improved: bool) -> None:
+        """Learn the outcome of a judged candidate written by `candidate_model`.
+
+        `improved` is True when the candidate was evaluated with a fitness
+        above the best fitness before it. The default ignores outcomes.
+        """
