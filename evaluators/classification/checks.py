@@ -45,7 +45,8 @@ def run_unit_tests(candidate: LossFn) -> dict[str, Any]:
     # extreme and saturated logits: values must stay finite where softmax saturates
     for case, logits, targets in extreme_cases(generator):
         for dtype in (torch.float32, torch.bfloat16):
-            check_case(candidate, logits.to(dtype), targets, f"{_dtype_name(dtype)} {case}", require_nonzero_gradient=False)
+            name = f"{_dtype_name(dtype)} {case}"
+            check_case(candidate, logits.to(dtype), targets, name, require_nonzero_gradient=False)
 
     check_uses_targets(candidate, generator)
     probe = probe_values(candidate)
@@ -171,7 +172,9 @@ def probe_values(candidate: LossFn) -> list[float]:
     with torch.no_grad():
         values = _call(candidate, logits, targets, "probe batch").float()
     if not torch.isfinite(values).all():
-        raise CandidateRejected("the loss returned non-finite values on the probe batch, whose logits lie within +-6", "nan")
+        raise CandidateRejected(
+            "the loss returned non-finite values on the probe batch, whose logits lie within +-6", "nan"
+        )
     return values.tolist()
 
 

@@ -84,7 +84,7 @@ class ClassificationLossGrammar:
     # search
 
     def random_genome(self, rng: random.Random) -> ClassificationGenome:
-        """Draw any primary shape, a second shape a third of the time, each other gene off its default 30% of the time."""
+        """Draw a genome: any primary shape, a second one in a third of draws, each other gene set in 30% of draws."""
         shapes = list(Shape)
         genome = ClassificationGenome(primary=rng.choice(shapes))
         if rng.random() < 1 / 3:
@@ -196,7 +196,8 @@ class ClassificationLossGrammar:
         """Return one sentence stating the loss a genome renders."""
         core = _SHAPE_WORDS[genome.primary]
         if genome.secondary is not None:
-            core = f"a blend of {core} and {_SHAPE_WORDS[genome.secondary]} with weight {genome.mix_weight:g} on the second"
+            second = _SHAPE_WORDS[genome.secondary]
+            core = f"a blend of {core} and {second} with weight {genome.mix_weight:g} on the second"
         details = []
         if genome.temperature != 1.0:
             details.append(f"logits divided by a temperature of {genome.temperature:g}")

@@ -60,7 +60,8 @@ def write_fake_cifar10(folder: Path, images_per_batch: int) -> None:
     data = np.concatenate(planes, axis=1).astype(np.uint8)  # (N, 3072): red plane, green plane, blue plane
     labels = [int(i) % 10 for i in range(images_per_batch)]
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {b"batch_label": name.encode(), b"data": data, b"labels": labels, b"filenames": [b"x.png"] * len(labels)}
+        filenames = [b"x.png"] * len(labels)
+        batch = {b"batch_label": name.encode(), b"data": data, b"labels": labels, b"filenames": filenames}
         with open(folder / name, "wb") as handle:
             pickle.dump(batch, handle, protocol=2)
 

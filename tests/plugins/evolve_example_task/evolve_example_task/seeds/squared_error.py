@@ -1,0 +1,7 @@
+"""Minimise the squared residual, the maximum-likelihood fit under Gaussian noise."""
+
+import torch
+
+
+def squared_error(residuals):
+    return torch.square(residuals)
