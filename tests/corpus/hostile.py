@@ -320,13 +320,13 @@ _RESOURCE_BOMBS = [
     _entry("string-bomb", Group.RESOURCE, UNIT_TEST_OR_SANDBOX, "Builds a 100 GB string.",
            plain(_dpo_after("size = 10 ** 11\nblob = 'x' * size"))),
     _entry("slow-after-many-calls", Group.RESOURCE, TRAIN_OR_SANDBOX,
-           "Behaves for the few calls of the unit tests, then loops forever during training.",
+           "Behaves in the unit tests, whose inputs are leaf tensors, then loops forever in training, where "
+           "the policy log-probs come out of the model.",
            plain(_dpo_after("""
-               CALLS.append(1)
-               if len(CALLS) > 200:
+               if not policy_chosen_logps.is_leaf:
                    while True:
                        pass
-           """), prelude="CALLS = []\n")),
+           """))),
     _entry("fork-bomb", Group.RESOURCE, STATIC, "Forks processes without end through os.",
            plain(_dpo_after("while True:\n    os.fork()"), imports=_IMPORTS + "import os\n")),
     _entry("fork-torch-multiprocessing", Group.RESOURCE, STATIC, "Starts processes through torch.multiprocessing.",

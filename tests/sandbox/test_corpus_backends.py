@@ -47,7 +47,7 @@ def judge_entry(entry, backend, tmp_path: Path, cache_dir: Path) -> Candidate:
     archive = Archive(run_dir / "archive.sqlite")
     limits = PipelineLimits(
         unit_test=Limits(timeout_s=20, memory_mb=3072, cpus=1),
-        evaluate=Limits(timeout_s=120, memory_mb=6144, cpus=1),
+        evaluate=Limits(timeout_s=60, memory_mb=6144, cpus=1),
     )
     pipeline = Pipeline(task, settings, backend, archive, run_dir, cache_dir, limits, seed=0)
     candidate = archive.insert(
