@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from engine.archive import Archive
+from engine.budget import BudgetExceeded, usage_of
 from engine.candidate import Candidate, Origin, Status
 from engine.pipeline import Pipeline
-from engine.prompts import INVALID_PREFIX, ContextOptions, build_messages, feedback_message, system_prompt
-from engine.proposer import HistoryEntry, ProposalRequest, Proposer, ProposerReply
+from engine.prompts import INVALID_PREFIX, ContextOptions, build_context, feedback_message, system_prompt
+from engine.proposer import HistoryEntry, ProposalRequest, Proposer, ProposerReply, ProposerStopped
 from engine.reply import ReplyParseError, parse_reply
 from evaluators.task import SeedProgram, Task
 from sandbox.protocol import Stage
@@ -34,10 +35,6 @@ class Reporter(Protocol):
     def candidate_finished(self, candidate: Candidate) -> None: ...
 
     def generation_finished(self, generation: int, candidates: list[Candidate]) -> None: ...
-
-
-class BudgetExceeded(RuntimeError):
-    """Raised by a proposer when a spending limit would be crossed by the next call."""
 
 
 @dataclass(frozen=True)
@@ -125,6 +122,7 @@ class Evolution:
     def run(self) -> None:
         start = time.monotonic()
         self.judge_unfinished()
+        self.replay_outcomes()
         completed = self.archive.get_meta("completed_generations", 0)
         for generation in range(completed + 1, self.options.generations + 1):
             if self.options.time_budget_s and time.monotonic() - start > self.options.time_budget_s:
@@ -144,10 +142,12 @@ class Evolution:
         for attempt in range(len(produced) + 1, self.options.max_attempts + 1):
             candidate = self.propose(generation, attempt)
             self.reporter.candidate_started(candidate)
+            best_before = self.best_fitness()
             if candidate.status is Status.PENDING:
                 self.pipeline.judge(candidate)
             candidate.feedback = feedback_message(candidate)
             self.archive.update(candidate)
+            self.proposer.observe(candidate.model, improves(candidate, best_before))
             self.reporter.candidate_finished(candidate)
             produced.append(candidate)
             if candidate.status is Status.EVALUATED:
@@ -161,22 +161,51 @@ class Evolution:
             if c.status.is_final
         ]
 
+    def best_fitness(self) -> float | None:
+        """Return the highest fitness of any evaluated candidate, seeds included."""
+        scores = [c.fitness for c in self.archive.candidates("status=?", (Status.EVALUATED.value,)) if c.fitness is not None]
+        return max(scores, default=None)
+
+    def replay_outcomes(self) -> None:
+        """Tell the proposer the outcome of every judged proposal, so a resumed bandit starts where it stopped."""
+        scores = [s.fitness for s in self.archive.seeds() if s.status is Status.EVALUATED and s.fitness is not None]
+        best = max(scores, default=None)
+        for candidate in self.archive.iter_proposals():
+            if not candidate.status.is_final:
+                continue
+            improved = improves(candidate, best)
+            self.proposer.observe(candidate.model, improved)
+            if improved:
+                best = candidate.fitness
+
     def propose(self, generation: int, attempt: int) -> Candidate:
-        """Ask the proposer once and store the reply as a candidate (parsed or not)."""
+        """Ask the proposer once and store the reply as a candidate (parsed or not).
+
+        When the proposer stops the run (endpoint down, budget reached), the
+        call is recorded with its error and what it spent, and the exception
+        propagates, so no candidate is stored and the generation stays open.
+        """
         seeds = self.archive.seeds()
         proposals = list(self.archive.iter_proposals())
-        messages = build_messages(self._system, seeds, proposals, self.options.context)
+        context = build_context(self._system, seeds, proposals, self.options.context)
+        if context.dropped:
+            logger.info("generation %d attempt %d: %d earlier proposal(s) left out to fit the %d-token context window",
+                        generation, attempt, context.dropped, self.options.context.window_tokens)
         request = ProposalRequest(
-            messages=messages,
+            messages=context.messages,
             history=self.history(),
             generation=generation,
             attempt=attempt,
             seed=self.options.seed,
             task=self.task.name,
         )
-        reply: ProposerReply = self.proposer.propose(request)
+        try:
+            reply: ProposerReply = self.proposer.propose(request)
+        except ProposerStopped as stopped:
+            self._record_stopped_call(generation, attempt, stopped)
+            raise
         candidate_id = self.archive.next_candidate_id(generation, attempt)
-        context_ids = [c.id for c in seeds] + [c.id for c in proposals if c.status.is_final]
+        context_ids = [c.id for c in seeds] + [c.id for c in context.shown]
         candidate = Candidate(
             id=candidate_id,
             generation=generation,
@@ -207,12 +236,30 @@ class Evolution:
             attempt=attempt,
             candidate_id=candidate_id,
             model=reply.model,
-            prompt_tokens=reply.prompt_tokens,
-            completion_tokens=reply.completion_tokens,
-            latency_s=reply.latency_s,
-            retries=reply.retries,
+            **usage_of(reply),
         )
         return candidate
+
+    def _record_stopped_call(self, generation: int, attempt: int, stopped: ProposerStopped) -> None:
+        kind = "budget" if isinstance(stopped, BudgetExceeded) else "proposer_unavailable"
+        logger.error("generation %d attempt %d: the run stops: %s", generation, attempt, stopped)
+        self.archive.log_event(kind, {"generation": generation, "attempt": attempt, "message": str(stopped)})
+        if stopped.usage is not None and stopped.usage.requests:
+            self.archive.record_llm_call(
+                generation=generation,
+                attempt=attempt,
+                candidate_id="",
+                model=stopped.usage.model,
+                error=str(stopped)[:1000],
+                **usage_of(stopped.usage),
+            )
+
+
+def improves(candidate: Candidate, best_before: float | None) -> bool:
+    """Return whether a judged candidate raised the best fitness."""
+    if candidate.status is not Status.EVALUATED or candidate.fitness is None:
+        return False
+    return best_before is None or candidate.fitness > best_before
 
 
 def summarize(archive: Archive) -> dict[str, object]:
@@ -232,4 +279,13 @@ def summarize(archive: Archive) -> dict[str, object]:
     return {"counts": counts, "best": best, "best_seed": best_seed}
 
 
-__all__ = ["Evolution", "LoopOptions", "Reporter", "BudgetExceeded", "INVALID_PREFIX", "interface_text", "summarize"]
+__all__ = [
+    "BudgetExceeded",
+    "Evolution",
+    "INVALID_PREFIX",
+    "LoopOptions",
+    "Reporter",
+    "improves",
+    "interface_text",
+    "summarize",
+]
