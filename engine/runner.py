@@ -96,15 +96,16 @@ def choose_backend(config: SandboxConfig, run_id: str) -> tuple[SandboxBackend, 
         raise RunError(str(error)) from None
 
 
-def choose_proposer(config: ProposerConfig) -> Proposer:
+def choose_proposer(config: ProposerConfig, archive: Archive | None = None) -> Proposer:
+    """Return the proposer a config asks for; an LLM proposer's ledger continues from the archive's totals."""
     kind = config.kind
     if kind == "auto":
         kind = "openai" if (config.base_url or os.environ.get(config.api_key_env)) else "offline"
     if kind == "openai":
-        from engine.openai_proposer import OpenAIProposer
+        from engine.multi_proposer import build_llm_proposer
 
         try:
-            return OpenAIProposer(config)
+            return build_llm_proposer(config, archive.llm_totals() if archive is not None else None)
         except ValueError as error:
             raise RunError(str(error)) from None
     from engine.offline_proposer import OfflineProposer

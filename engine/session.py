@@ -8,12 +8,15 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from engine.candidate import Status
 from engine.config import RunConfig
 from engine.console import RichReporter, candidate_table, fmt
 from engine.loop import Evolution, LoopOptions, summarize
+from engine.prompts import ContextOptions
+from engine.proposer import ProposerStopped
 from engine.runner import RunError, build_pipeline, choose_proposer, lock_run_dir, open_run, prepare_task
 
 logger = logging.getLogger(__name__)
@@ -47,7 +50,7 @@ def run_session(
         console.print(f"removed {removed} leftover sandbox container(s) of an earlier crash")
 
     try:
-        proposer = choose_proposer(config.proposer)
+        proposer = choose_proposer(config.proposer, archive)
         console.print(f"proposer: {proposer.name}")
         archive.set_meta("proposer", proposer.name)
 
@@ -65,6 +68,7 @@ def run_session(
             max_attempts=config.max_attempts,
             seed=config.seed,
             time_budget_s=config.time_budget_min * 60.0,
+            context=ContextOptions.from_config(config.proposer),
         )
         evolution = Evolution(context.task, context.settings, archive, pipeline, proposer, reporter, options)
 
@@ -81,6 +85,15 @@ def run_session(
         archive.log_event("interrupted", {"after_s": time.time() - started})
         console.print(f"\n[yellow]interrupted.[/] Nothing was lost; continue with: evolve --resume {context.run_dir}")
         return 130
+    except ProposerStopped as stopped:
+        reporter.close()
+        archive.set_meta("status", "stopped")
+        archive.log_event("stopped", {"reason": type(stopped).__name__, "message": str(stopped)})
+        completed = archive.get_meta("completed_generations", 0)
+        console.print(f"\n[red]stopped:[/] {escape(str(stopped))}")
+        console.print(f"{completed} generation(s) completed. Nothing was lost; continue with: "
+                      f"evolve --resume {context.run_dir}")
+        return stopped.exit_code
     except RunError:
         reporter.close()
         archive.set_meta("status", "failed")
