@@ -84,10 +84,58 @@ def build_run_parser() -> argparse.ArgumentParser:
     proposer.add_argument("--proposer", choices=("auto", "offline", "openai"),
                           help="who writes candidates: the built-in offline generator or an OpenAI-compatible "
                                "endpoint (default auto: openai when --base-url or the API key is set)")
-    proposer.add_argument("--model", help="model name at the endpoint (default: gpt-4o-mini)")
+    models = proposer.add_mutually_exclusive_group()
+    models.add_argument("--model", action="append", metavar="NAME",
+                        help="model name at the endpoint (default: gpt-4o-mini); repeat it to sample several "
+                             "models with equal weight")
+    models.add_argument("--models", type=_models_argument, metavar="NAME:WEIGHT,...",
+                        help='several models with weights, e.g. "gpt-4o:0.7,claude-sonnet-4:0.3"')
+    proposer.add_argument("--model-selection", choices=("weighted", "bandit"),
+                          help="how each call picks a model when there are several: random by weight, or a "
+                               "Thompson-sampling bandit favouring models whose candidates raise the best "
+                               "fitness (default: weighted)")
+    proposer.add_argument("--model-temperature", action="append", type=_model_temperature, default=[],
+                          metavar="NAME=T", help="sampling temperature of one model given with --model or "
+                                                  "--models (repeatable)")
     proposer.add_argument("--base-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
     proposer.add_argument("--api-key-env", help="environment variable holding the API key (default: OPENAI_API_KEY)")
     proposer.add_argument("--temperature", type=float, help="sampling temperature (default: 1.0)")
+    proposer.add_argument("--max-completion-tokens", type=int, metavar="N",
+                          help="completion token limit of each call (default: 2048)")
+    proposer.add_argument("--timeout", type=float, metavar="SECONDS",
+                          help="seconds to wait for one HTTP response (default: 120)")
+    proposer.add_argument("--max-retries", type=int, metavar="N",
+                          help="retries of one call after 429, 5xx, timeouts, connection errors and empty or "
+                               "cut-off replies (default: 6)")
+    proposer.add_argument("--retry-budget", type=int, metavar="N",
+                          help="retries allowed over this session, all calls together (default: 30)")
+    proposer.add_argument("--circuit-breaker", type=int, metavar="N",
+                          help="stop after N consecutive failed requests to an endpoint: connection errors, timeouts, "
+                               "5xx and malformed bodies, not 429 (default: 4)")
+    proposer.add_argument("--max-cost", type=float, metavar="USD",
+                          help="stop before a call that could take the run's LLM cost above this many US dollars "
+                               "(default: no limit)")
+    proposer.add_argument("--max-tokens", type=int, metavar="N",
+                          help="stop before a call that could take the run's prompt plus completion tokens above "
+                               "N (default: no limit)")
+    proposer.add_argument("--price-table", type=Path, metavar="FILE",
+                          help="TOML or JSON file of model prices in USD per million tokens, added to the "
+                               "built-in table (see docs/llm.md)")
+    proposer.add_argument("--context", choices=("all", "top-k"),
+                          help="earlier proposals shown in the prompt: all of them, or the top K by fitness "
+                               "(default: all)")
+    proposer.add_argument("--top-k", type=int, metavar="K",
+                          help="how many of the best proposals --context top-k shows; implies it (default: 5)")
+    proposer.add_argument("--context-order", choices=("chronological", "sorted"),
+                          help="order of the shown proposals: as proposed, or by fitness with the best last "
+                               "(default: chronological)")
+    proposer.add_argument("--no-thoughts", dest="include_thoughts", action="store_false", default=None,
+                          help="leave out the thought of earlier replies")
+    proposer.add_argument("--no-invalid", dest="include_invalid", action="store_false", default=None,
+                          help="leave out invalid proposals and their errors")
+    proposer.add_argument("--context-window", type=int, metavar="TOKENS",
+                          help="the model's context window; the oldest (or, when sorted, the worst) proposals "
+                               "are left out until the prompt and the completion fit (default: no trimming)")
 
     sandbox = parser.add_argument_group("sandbox")
     sandbox.add_argument("--sandbox", choices=("auto", "process", "docker"),
@@ -120,10 +168,25 @@ def _overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
         values["settings"] = dict(args.settings)
     proposer = {
         "kind": args.proposer,
-        "model": args.model,
         "base_url": args.base_url,
         "api_key_env": args.api_key_env,
         "temperature": args.temperature,
+        "max_tokens": args.max_completion_tokens,
+        "timeout_s": args.timeout,
+        "max_retries": args.max_retries,
+        "retry_budget": args.retry_budget,
+        "circuit_breaker": args.circuit_breaker,
+        "max_cost_usd": args.max_cost,
+        "max_run_tokens": args.max_tokens,
+        "price_table": str(args.price_table.resolve()) if args.price_table else None,
+        "model_selection": args.model_selection,
+        "context": "top-k" if args.top_k is not None and args.context is None else args.context,
+        "top_k": args.top_k,
+        "context_order": args.context_order,
+        "include_thoughts": args.include_thoughts,
+        "include_invalid": args.include_invalid,
+        "context_window": args.context_window,
+        **_model_overrides(args),
     }
     sandbox = {
         "backend": args.sandbox,
@@ -136,6 +199,51 @@ def _overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     if any(v is not None for v in sandbox.values()):
         values["sandbox"] = {k: v for k, v in sandbox.items() if v is not None}
     return values
+
+
+def _models_argument(text: str) -> list[dict[str, Any]]:
+    from engine.multi_proposer import parse_models
+
+    try:
+        return parse_models(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _model_temperature(text: str) -> tuple[str, float]:
+    name, sep, value = text.rpartition("=")
+    if sep and name:
+        try:
+            return name, float(value)
+        except ValueError:
+            pass
+    raise argparse.ArgumentTypeError(f"expected NAME=TEMPERATURE such as gpt-4o=0.7, got {text!r}")
+
+
+def _model_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Return the model, models and per-model temperature settings of the proposer flags."""
+    if args.models is not None:
+        entries = [dict(entry) for entry in args.models]
+    elif args.model and len(args.model) > 1:
+        entries = [{"name": name, "weight": 1.0} for name in args.model]
+    else:
+        entries = []
+    overrides: dict[str, Any] = {}
+    if entries:
+        overrides["models"] = entries
+    elif args.model:
+        overrides["model"] = args.model[0]
+
+    temperatures = dict(args.model_temperature)
+    unknown = sorted(set(temperatures) - {entry["name"] for entry in entries} - set(args.model or []))
+    if unknown:
+        raise ConfigError([f"--model-temperature names {unknown}, which are not given with --model or --models"])
+    for entry in entries:
+        if entry["name"] in temperatures:
+            entry["temperature"] = temperatures[entry["name"]]
+    if not entries and args.model and args.model[0] in temperatures:
+        overrides["temperature"] = temperatures[args.model[0]]
+    return overrides
 
 
 def configure_logging(run_dir: Path | None, level: str) -> None:
@@ -164,8 +272,8 @@ def run_command(argv: list[str]) -> int:
     from engine.runner import RunError
     from engine.session import run_session
 
-    overrides = _overrides_from_args(args)
     try:
+        overrides = _overrides_from_args(args)
         if args.resume is not None:
             return run_session(None, args.resume, overrides, args.log_level, console)
         values = load_config_file(args.config) if args.config else {}
