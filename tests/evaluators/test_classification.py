@@ -5,6 +5,7 @@ Candidates are loaded with the sandbox's RestrictedPython loader, as in a run.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import itertools
 import math
@@ -21,11 +22,13 @@ from evaluators.classification import PRESETS, ClassificationSettings, Classific
 from evaluators.classification.checks import PROBE_TARGET_LOGITS, probe_logits, run_unit_tests
 from evaluators.classification.data import cache_path, load_splits, prepare_dataset, read_cifar10
 from evaluators.classification.models import ResNet18
+from evaluators.classification.task import SEED_GROUPS
 from evaluators.classification.trainer import augment_batch
 from evaluators.task import CandidateRejected
 from sandbox.loader import load_candidate
 from sandbox.protocol import Job, JobKind, Stage
 from sandbox.worker import run_job
+from seeds import SEEDS_DIR
 
 TASK = ClassificationTask()
 TINY = PRESETS["tiny"]
@@ -95,6 +98,23 @@ def test_cifar10_settings_need_data_dir():
 def test_settings_round_trip_through_dict():
     settings = PRESETS["cifar10-resnet18"]
     assert TASK.settings_from_dict(TASK.settings_to_dict(settings)) == settings
+
+
+def test_seed_index_matches_seed_files():
+    on_disk = sorted(path.stem for path in (SEEDS_DIR / "classification").glob("*.py"))
+    indexed = [name for group in SEED_GROUPS.values() for name in group]
+    assert sorted(indexed) == on_disk
+
+
+@pytest.mark.parametrize("name", SEED_GROUPS["baselines"])
+def test_seed_file_defines_one_plain_function(name):
+    tree = ast.parse((SEEDS_DIR / "classification" / f"{name}.py").read_text())
+    functions = [node for node in tree.body if isinstance(node, ast.FunctionDef)]
+    imports = {alias.name for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))
+               for alias in node.names}
+    assert [function.name for function in functions] == [name]
+    assert [arg.arg for arg in functions[0].args.args] == ["logits", "targets"]
+    assert imports <= {"torch", "torch.nn.functional"}
 
 
 # --- data --------------------------------------------------------------------------------------
