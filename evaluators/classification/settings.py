@@ -114,9 +114,10 @@ class ClassificationSettings:
             raise ValueError("invalid classification settings:\n  " + "\n  ".join(errors))
 
 
-# "cpu": an MLP 64-128-10 on the digits, 5 epochs of SGD, three runs. Training
-# and scoring took 0.2 to 0.4 s on one core of the 2-core development machine;
-# each sandbox job also spends a few seconds starting Python and importing torch.
+# "cpu": an MLP 64-128-10 on the digits, 5 epochs of SGD, three runs. On the
+# 2-core development machine training and scoring took 0.2 to 0.4 s when run
+# directly, and 2 to 5 s inside the process sandbox while other jobs kept the
+# load average near 5. Each sandbox job also spends seconds importing torch.
 CPU_PRESET = ClassificationSettings()
 
 # "tiny": one run of one epoch, for tests.
