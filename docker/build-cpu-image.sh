@@ -13,7 +13,7 @@
 #
 # Usage: docker/build-cpu-image.sh [--force] [--tag TAG] [--cache-dir DIR]
 #
-# Environment:
+# Environment variables:
 #   EVOLVE_DOCKER_CACHE     cache directory (default ~/.cache/evolve/docker)
 #   EVOLVE_DEBIAN_MIRROR    Debian mirror for debootstrap (default http://deb.debian.org/debian)
 #   EVOLVE_TORCH_INDEX_URL  extra pip index that serves torch's +cpu wheels, such as
@@ -45,13 +45,13 @@ requirements="${repo_root}/docker/requirements-cpu.txt"
 dockerfile="${repo_root}/docker/Dockerfile.cpu"
 started=$(date +%s)
 
-log() { echo "[build-cpu-image] $*" >&2; }
+log() { echo "[build-cpu-image] $(( $(date +%s) - started )) s: $*" >&2; }
 fail() { echo "[build-cpu-image] error: $*" >&2; exit 1; }
 
 sha256_of() { cat "$@" | sha256sum | cut -d' ' -f1; }
 
 if ! "${docker}" info >/dev/null 2>&1; then
-    fail "the Docker engine does not answer ('${docker} info' failed); start dockerd or run .ci/docker-setup.sh"
+    fail "the Docker engine is unreachable ('${docker} info' failed); start dockerd or run .ci/docker-setup.sh"
 fi
 mkdir -p "${cache_dir}"
 
@@ -132,15 +132,19 @@ if [[ ${force} -eq 0 && "${current_hash}" == "${build_hash}" ]]; then
     log "${tag} is up to date"
 else
     log "building ${tag} with --network none"
-    # NOTE: the classic builder is used because BuildKit needs the buildx plugin,
-    # which Debian's docker.io does not ship; the multi-stage Dockerfile keeps the
-    # wheelhouse out of the final image without BuildKit's bind mounts.
+    # The classic builder is used because Docker CLI 23 and newer need the buildx
+    # plugin for BuildKit, and bookworm has no buildx package. The multi-stage
+    # Dockerfile keeps the wheelhouse out of the final image without BuildKit.
     DOCKER_BUILDKIT=0 "${docker}" build --quiet --network none \
         --build-arg "BASE_IMAGE=${base_tag}" \
         --label "evolve.build-hash=${build_hash}" \
         -f "${dockerfile}" -t "${tag}" "${cache_dir}/context" >/dev/null \
         || fail "docker build failed; rerun without --quiet to see the step that failed: DOCKER_BUILDKIT=0 ${docker} build --network none -f ${dockerfile} ${cache_dir}/context"
+    # drop the install stage (the wheelhouse plus a second copy of the
+    # virtualenv) and the untagged image this build replaced
+    "${docker}" image prune --force --filter "label=evolve.build-stage=install" >/dev/null
+    "${docker}" image prune --force --filter "label=evolve.build-hash" >/dev/null
 fi
 
 size_bytes=$("${docker}" image inspect --format '{{.Size}}' "${tag}")
-log "done: ${tag} ($((size_bytes / 1024 / 1024)) MiB) in $(( $(date +%s) - started )) s"
+log "done: ${tag} ($((size_bytes / 1024 / 1024)) MiB)"

@@ -4,7 +4,7 @@ Every container gets no network (`network_mode="none"`), a read-only root
 filesystem with a small tmpfs at /tmp, no capabilities, no-new-privileges, a
 non-root user, an explicit allow-listed environment and the memory, CPU, PID
 and file-size limits of the job. The only writable mount is the job directory
-at /job. The image holds third-party packages only; the `sandbox` and
+at /job. The image contains third-party packages only, and the `sandbox` and
 `evaluators` packages are mounted read-only from the host at /opt/evolve/src,
 so the engine's code never enters the container and a code change needs no
 image rebuild.
@@ -59,11 +59,11 @@ LOG_TAIL_CHARS = 4000
 
 @dataclass(frozen=True)
 class ContainerRun:
-    """How one container ended.
+    """Outcome of one container run.
 
     Attributes:
         name: container name.
-        exit_code: the main process's exit status; None when the run timed out.
+        exit_code: the main process's exit status, or None when the run timed out.
         timed_out: the backend killed the container at the deadline.
         oom_killed: Docker reported an out-of-memory kill in the container.
         wall_s: seconds from container start to exit or kill.
@@ -79,7 +79,7 @@ class ContainerRun:
 
 
 def container_environment(limits: Limits) -> dict[str, str]:
-    """Return the complete environment of a sandbox container; nothing comes from the host."""
+    """Return the complete environment of a sandbox container, with nothing taken from the host."""
     threads = str(max(1, math.floor(limits.cpus)))
     return {
         "HOME": "/tmp",
@@ -97,7 +97,7 @@ def container_environment(limits: Limits) -> dict[str, str]:
         "HF_DATASETS_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "MPLCONFIGDIR": "/tmp/matplotlib",
-        # cuBLAS needs a fixed workspace for deterministic results (CUDA docs, "Reproducibility").
+        # a fixed cuBLAS workspace, one of the settings for deterministic CUDA runs (PyTorch notes, "Reproducibility")
         "CUBLAS_WORKSPACE_CONFIG": ":4096:8",
     }
 
@@ -140,7 +140,7 @@ class DockerBackend(SandboxBackend):
                 None reads DOCKER_HOST and the other standard variables.
 
         Raises:
-            SandboxUnavailable: the engine does not answer or the image is missing.
+            SandboxUnavailable: the Docker engine is unreachable or the image is missing.
         """
         self.run_id = run_id
         self.image = image
@@ -170,7 +170,7 @@ class DockerBackend(SandboxBackend):
     # --- jobs ---------------------------------------------------------------
 
     def run(self, job: Job, job_dir: Path, limits: Limits) -> StageResult:
-        """Run one worker job in a new container; see SandboxBackend.run."""
+        """Run one worker job in a new container, as SandboxBackend.run describes."""
         job_dir = job_dir.resolve()
         job_dir.mkdir(parents=True, exist_ok=True)
         mounts: list[Mount] = []
@@ -219,18 +219,9 @@ class DockerBackend(SandboxBackend):
         is killed and removed; a container that outlives removal raises
         SandboxUnavailable, because it would keep running unsupervised.
         """
-        job_dir = job_dir.resolve()
-        if os.getuid() == 0:
-            # the container runs as nobody and writes its results here
-            os.chown(job_dir, *_container_ids())
-        labels = {
-            LABEL_MANAGED: "1",
-            LABEL_RUN_ID: self.run_id,
-            LABEL_CANDIDATE_ID: candidate_id,
-            LABEL_KIND: kind,
-        }
-        name = container_name(self.run_id, candidate_id, kind)
-        container = self._create(name, list(command), job_dir, limits, labels, list(extra_mounts))
+        container = self.create_container(
+            command, job_dir, limits, kind=kind, candidate_id=candidate_id, extra_mounts=extra_mounts
+        )
         try:
             return self._supervise(container, limits)
         finally:
@@ -250,20 +241,29 @@ class DockerBackend(SandboxBackend):
 
     # --- container lifecycle --------------------------------------------------
 
-    def _create(
+    def create_container(
         self,
-        name: str,
-        command: list[str],
+        command: Sequence[str],
         job_dir: Path,
         limits: Limits,
-        labels: dict[str, str],
-        extra_mounts: list[Mount],
+        *,
+        kind: str,
+        candidate_id: str = "",
+        extra_mounts: Sequence[Mount] = (),
     ) -> Container:
+        """Create, but do not start, a sandbox container; the caller must remove it."""
+        job_dir = job_dir.resolve()
+        if os.getuid() == 0:
+            # the container runs as nobody and writes its results here
+            os.chown(job_dir, *_container_ids())
+        labels = {LABEL_MANAGED: "1", LABEL_RUN_ID: self.run_id, LABEL_CANDIDATE_ID: candidate_id, LABEL_KIND: kind}
+        name = container_name(self.run_id, candidate_id, kind)
         mounts = [Mount(CONTAINER_JOB_DIR, str(job_dir), type="bind", read_only=False)]
         for package in SOURCE_PACKAGES:
             source = str(self.source_root / package)
             mounts.append(Mount(f"{CONTAINER_SOURCE_DIR}/{package}", source, type="bind", read_only=True))
         mounts.extend(extra_mounts)
+        command = list(command)
         output_bytes = limits.output_mb * 1024 * 1024
         environment = container_environment(limits)
         options = dict(
@@ -311,7 +311,8 @@ class DockerBackend(SandboxBackend):
         try:
             return self.client.containers.create(**options)
         except APIError as error:
-            raise SandboxUnavailable(f"could not create container {options['name']}: {error.explanation or error}") from error
+            explanation = error.explanation or error
+            raise SandboxUnavailable(f"could not create container {options['name']}: {explanation}") from error
 
     def _supervise(self, container: Container, limits: Limits) -> ContainerRun:
         """Start `container`, wait for it until the deadline, and kill it there."""
@@ -383,7 +384,9 @@ class DockerBackend(SandboxBackend):
         tail = run.logs[-LOG_TAIL_CHARS:]
 
         def failure(reason: str, category: str) -> StageResult:
-            return StageResult(ok=False, stage=Stage.SANDBOX, reason=reason, category=category, wall_s=run.wall_s, log_tail=tail)
+            return StageResult(
+                ok=False, stage=Stage.SANDBOX, reason=reason, category=category, wall_s=run.wall_s, log_tail=tail
+            )
 
         if run.timed_out:
             return failure(
@@ -418,7 +421,7 @@ def _connect(docker_host: str | None) -> docker.DockerClient:
     except (DockerException, requests.exceptions.RequestException) as error:
         raise SandboxUnavailable(
             f"the Docker engine at {docker_host or os.environ.get('DOCKER_HOST') or 'the default socket'} "
-            f"does not answer ({error}); start dockerd (as root: nohup dockerd &) or use the process backend"
+            f"is unreachable ({error}); start dockerd (as root: nohup dockerd &) or use the process backend"
         ) from error
     return client
 
@@ -427,7 +430,7 @@ def _ping(client: docker.DockerClient) -> None:
     try:
         client.ping()
     except (DockerException, requests.exceptions.RequestException) as error:
-        raise SandboxUnavailable(f"the Docker engine stopped answering while a job ran: {error}") from error
+        raise SandboxUnavailable(f"the Docker engine became unreachable while a job ran: {error}") from error
 
 
 def _container_ids() -> tuple[int, int]:

@@ -61,7 +61,7 @@ def build_image(
         tag = tag or DEFAULT_GPU_IMAGE
         if not GPU_DOCKERFILE.is_file():
             raise ImageBuildError(f"{GPU_DOCKERFILE} not found; build images from a source checkout of evolve")
-        # the context is docker/, which holds the requirements file and nothing large
+        # the context is docker/, which contains the requirements file and nothing large
         command = [
             "docker", "build", "-f", str(GPU_DOCKERFILE), "--build-arg", f"BASE_IMAGE={base_image}",
             "-t", tag, str(REPO_ROOT / "docker"),
@@ -79,7 +79,9 @@ def build_image(
     logger.info("building image %s: %s", tag, " ".join(command))
     completed = subprocess.run(command, env=environment, check=False)
     if completed.returncode != 0:
-        raise ImageBuildError(f"building {tag} failed with exit status {completed.returncode}; command: {' '.join(command)}")
+        raise ImageBuildError(
+            f"building {tag} failed with exit status {completed.returncode}; command: {' '.join(command)}"
+        )
     inspected = subprocess.run(
         ["docker", "image", "inspect", "--format", "{{.Size}}", tag], capture_output=True, text=True, check=False
     )
@@ -92,7 +94,7 @@ def build_image(
 
 @dataclass(frozen=True)
 class CheckResult:
-    """One isolation property: its name, whether it holds, and the evidence."""
+    """Verdict on one isolation property, with the evidence."""
 
     name: str
     passed: bool
@@ -132,7 +134,8 @@ def self_check(backend: DockerBackend, limits: Limits | None = None) -> SelfChec
     """Run every probe in one sandbox container and judge the isolation it reports.
 
     A canary secret is put into this process's environment for the duration
-    of the run; the check fails if it shows up anywhere in the container.
+    of the run, and the check fails if it shows up anywhere in the container.
+    With `limits.gpu`, the report also checks that torch sees a CUDA device.
     """
     limits = limits or Limits(timeout_s=120, memory_mb=2048, cpus=1.0)
     canary = f"sk-test-CANARY-{secrets.token_hex(8)}"
@@ -156,10 +159,17 @@ def self_check(backend: DockerBackend, limits: Limits | None = None) -> SelfChec
         failed = CheckResult("probe container", False, f"FAILED: it {how}", f"last output: {last[0]}")
         return SelfCheckReport((failed,), run.wall_s)
 
+    return judge_probes(report, limits, canary_in_logs=canary in run.logs, container_s=run.wall_s)
+
+
+def judge_probes(
+    report: dict[str, Any], limits: Limits, *, canary_in_logs: bool = False, container_s: float = 0.0
+) -> SelfCheckReport:
+    """Judge the JSON object that `python -m sandbox.probes` printed, one check per isolation property."""
     expected_names = set(container_environment(limits)) | IMAGE_VARIABLES
     checks = [
         _judge("network", report, _network),
-        _judge("environment", report, lambda facts: _environment(facts, canary in run.logs, expected_names)),
+        _judge("environment", report, lambda facts: _environment(facts, canary_in_logs, expected_names)),
         _judge("filesystem", report, _root_filesystem, name="root filesystem"),
         _judge("filesystem", report, _job_directory, name="job directory"),
         _judge("filesystem", report, _temporary_directory, name="temporary directory"),
@@ -168,7 +178,9 @@ def self_check(backend: DockerBackend, limits: Limits | None = None) -> SelfChec
         _judge("identity", report, _capabilities, name="capabilities"),
         _judge("packages", report, _packages),
     ]
-    return SelfCheckReport(tuple(checks), run.wall_s)
+    if limits.gpu:
+        checks.append(_judge("packages", report, _gpu, name="gpu"))
+    return SelfCheckReport(tuple(checks), container_s)
 
 
 def _probe_output(logs: str) -> dict[str, Any] | None:
@@ -261,3 +273,8 @@ def _packages(facts: dict[str, Any]) -> CheckResult:
     missing = [name for name, version in versions.items() if version.startswith("MISSING")]
     detail = f"python {facts['python']}, " + ", ".join(f"{name} {version}" for name, version in versions.items())
     return CheckResult("", not missing, "MISSING " + ", ".join(missing) if missing else "importable", detail)
+
+
+def _gpu(facts: dict[str, Any]) -> CheckResult:
+    devices = facts["cuda_devices"]
+    return CheckResult("", devices > 0, "visible" if devices else "NOT VISIBLE", f"torch sees {devices} CUDA device(s)")

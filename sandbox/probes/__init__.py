@@ -1,7 +1,7 @@
 """Probes that run inside a sandbox container and report what the container can do.
 
 Each probe module has a `probe()` function that returns plain facts as a
-JSON-serialisable dict; the host judges them (see sandbox.image.self_check).
+JSON-serialisable dict. The host judges them in sandbox.image.judge_probes.
 Probes import only the standard library, except `packages`, which imports
 the packages it reports on.
 

@@ -1,7 +1,7 @@
 """Check that no host secret reached the container's environment.
 
 The self-check puts a canary variable whose value contains "CANARY" into the
-host process's environment before it starts the container; neither this
+host process's environment before it starts the container. Neither this
 process nor PID 1 may carry it.
 """
 

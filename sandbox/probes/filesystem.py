@@ -7,7 +7,7 @@ import os
 
 
 def _try_write(directory: str) -> str:
-    """Create and delete a file in `directory`; return "ok" or the errno name."""
+    """Create and delete a file in `directory`, and return "ok" or the errno name."""
     path = os.path.join(directory, f".evolve-probe-{os.getpid()}")
     try:
         with open(path, "w") as handle:

@@ -12,7 +12,7 @@ import os
 import socket
 
 CONNECT_TARGETS = (("198.51.100.7", 80), ("169.254.169.254", 80))
-# Docker Desktop resolves this name to the host; a sandbox must not resolve it.
+# Docker Desktop resolves this name to the host, so a sandbox must not resolve it.
 RESOLVE_NAMES = ("host.docker.internal",)
 TIMEOUT_S = 2.0
 

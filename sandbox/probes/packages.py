@@ -1,4 +1,4 @@
-"""Report the Python version and the versions of the packages a stage imports."""
+"""Report the Python version, the versions of the packages a stage imports, and CUDA devices."""
 
 from __future__ import annotations
 
@@ -17,4 +17,10 @@ def probe() -> dict:
             versions[name] = importlib.metadata.version(name)
         except ImportError as error:
             versions[name] = f"MISSING ({error})"
-    return {"python": platform.python_version(), "versions": versions}
+    try:
+        import torch
+
+        cuda_devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except ImportError:
+        cuda_devices = 0
+    return {"python": platform.python_version(), "versions": versions, "cuda_devices": cuda_devices}

@@ -56,7 +56,9 @@ def make_backend(run_id: str, command: str, **options) -> DockerBackend:
 def make_job(tmp_path: Path, kind: JobKind = JobKind.UNIT_TEST, candidate_id: str = "c1", code: str = "") -> Job:
     cache_dir = tmp_path / "cache"
     cache_dir.mkdir(exist_ok=True)
-    return Job(kind=kind, task="preference", settings={}, cache_dir=str(cache_dir), code=code, candidate_id=candidate_id)
+    return Job(
+        kind=kind, task="preference", settings={}, cache_dir=str(cache_dir), code=code, candidate_id=candidate_id
+    )
 
 
 def containers_of(backend: DockerBackend, run_id: str) -> list:
@@ -273,7 +275,7 @@ def test_missing_image_names_build_command(backend, run_id):
 
 
 def test_unreachable_engine_raises(tmp_path):
-    with pytest.raises(SandboxUnavailable, match="does not answer"):
+    with pytest.raises(SandboxUnavailable, match="is unreachable"):
         DockerBackend("unreachable", docker_host=f"unix://{tmp_path}/no-docker.sock")
 
 
