@@ -271,6 +271,7 @@ def run_command(argv: list[str]) -> int:
 
     from engine.runner import RunError
     from engine.session import run_session
+    from evaluators.registry import UnknownTaskError
 
     try:
         overrides = _overrides_from_args(args)
@@ -281,6 +282,9 @@ def run_command(argv: list[str]) -> int:
         config = config_from_dict(values, source=str(args.config) if args.config else "command line")
         return run_session(config, None, {}, args.log_level, console)
     except ConfigError as error:
+        console.print(f"[red]error:[/] {error}")
+        return 2
+    except UnknownTaskError as error:
         console.print(f"[red]error:[/] {error}")
         return 2
     except RunError as error:

@@ -50,9 +50,11 @@ def interface_text(task: Task) -> str:
     """Describe the function a candidate must define, in both accepted forms."""
     params = ", ".join(task.interface.params)
     hyper = task.interface.hyperparameters
+    # the study's method form takes self only to read hyperparameters
+    signature = f"self, {params}" if hyper else params
     lines = [
         "Write one Python function with exactly these parameters:",
-        f"    def <name>(self, {params}):",
+        f"    def <name>({signature}):",
     ]
     if hyper:
         reads = ", ".join(f"self.{name}" for name in hyper)

@@ -32,7 +32,17 @@ from enum import Enum
 
 from engine.candidate import Status
 from engine.fingerprint import canonical_fingerprint
-from engine.loss_grammar import LADDERS, Genome, Mixing, Shape, describe, genome_from_code, genome_name, render_code
+from engine.loss_grammar import (
+    LADDERS,
+    PARAMS,
+    Genome,
+    Mixing,
+    Shape,
+    describe,
+    genome_from_code,
+    genome_name,
+    render_code,
+)
 from engine.proposer import HistoryEntry, ProposalRequest, Proposer, ProposerReply
 
 logger = logging.getLogger(__name__)
@@ -84,18 +94,57 @@ class Child:
     origin: str
 
 
+class PreferenceLossGrammar:
+    """The preference-loss building blocks of `engine.loss_grammar`, behind the grammar interface.
+
+    A grammar provides `params`, `hyperparameters`, `random_genome(rng)`,
+    `mutate(genome, rng) -> (genome, [changes])`, `crossover(a, b, rng) ->
+    (genome, sentence)`, `genome_from_code(code) -> (genome, exact) | None`,
+    `render_code(genome, name)`, `genome_name(genome)` and `describe(genome)`.
+    Tasks other than preference supply their own through `Task.loss_grammar()`.
+    """
+
+    params = PARAMS
+    hyperparameters = HYPERPARAMETERS
+
+    def random_genome(self, rng: random.Random) -> Genome:
+        return random_genome(rng)
+
+    def mutate(self, genome: Genome, rng: random.Random) -> tuple[Genome, list[str]]:
+        return mutate(genome, rng)
+
+    def crossover(self, first: Genome, second: Genome, rng: random.Random) -> tuple[Genome, str]:
+        child, operator = crossover(first, second, rng)
+        if operator is Crossover.BLEND:
+            return child, "blends the main shape of the second parent into the first"
+        return child, "combines the gene groups of both parents"
+
+    def genome_from_code(self, code: str) -> tuple[Genome, bool] | None:
+        return genome_from_code(code)
+
+    def render_code(self, genome: Genome, name: str) -> str:
+        return render_code(genome, name)
+
+    def genome_name(self, genome: Genome) -> str:
+        return genome_name(genome)
+
+    def describe(self, genome: Genome) -> str:
+        return describe(genome)
+
+
 class OfflineProposer(Proposer):
     """Proposes losses by tournament selection, mutation and crossover of loss genomes.
 
-    It writes preference-optimization losses only: a method taking the four
-    log-probability parameters and reading `self.beta`. `request.task` is
-    not read, so the caller must not use it for other tasks.
+    The grammar decides what the programs look like; the default writes
+    preference-optimization losses (the four log-probability parameters and
+    `self.beta`).
     """
 
     name = MODEL_NAME
 
     def __init__(
         self,
+        grammar=None,
         tournament_size: int = 3,
         exploration_threshold: int = 4,
         crossover_rate: float = 0.35,
@@ -106,6 +155,7 @@ class OfflineProposer(Proposer):
         """Configure the search.
 
         Args:
+            grammar: the building blocks; None uses PreferenceLossGrammar.
             tournament_size: candidates drawn per tournament; the fittest wins.
             exploration_threshold: below this many parents, half the proposals
                 are random genomes.
@@ -128,6 +178,7 @@ class OfflineProposer(Proposer):
             problems.append(f"max_tries is {max_tries}; expected 1 or more")
         if problems:
             raise ValueError("invalid offline proposer settings: " + "; ".join(problems))
+        self.grammar = grammar if grammar is not None else PreferenceLossGrammar()
         self.tournament_size = tournament_size
         self.exploration_threshold = exploration_threshold
         self.crossover_rate = crossover_rate
@@ -137,7 +188,7 @@ class OfflineProposer(Proposer):
         # fingerprints depend only on the code, so caching them keeps the
         # proposer deterministic while sparing a re-parse of the whole history
         self._fingerprints: dict[str, str | None] = {}
-        self._genomes: dict[str, tuple[Genome, bool] | None] = {}
+        self._genomes: dict[str, tuple[object, bool] | None] = {}
 
     def propose(self, request: ProposalRequest) -> ProposerReply:
         start = time.perf_counter()
@@ -148,7 +199,7 @@ class OfflineProposer(Proposer):
         # vary until the child is a program the history does not hold yet
         for _ in range(self.max_tries):
             child = self._vary(parents, rng)
-            if self._fingerprint(render_code(child.genome, "candidate")) not in seen:
+            if self._fingerprint(self.grammar.render_code(child.genome, "candidate")) not in seen:
                 break
         else:
             # NOTE: the engine's duplicate check still catches this program
@@ -160,10 +211,11 @@ class OfflineProposer(Proposer):
                 request.attempt,
             )
 
-        name = genome_name(child.genome)
+        name = self.grammar.genome_name(child.genome)
         logger.debug("generation %d attempt %d: proposing %s. %s", request.generation, request.attempt, name, child.origin)
-        thought = f"{describe(child.genome)} {child.origin}"
-        payload = json.dumps({"thought": thought, "name": name, "code": render_code(child.genome, name)}, indent=1)
+        thought = f"{self.grammar.describe(child.genome)} {child.origin}"
+        code = self.grammar.render_code(child.genome, name)
+        payload = json.dumps({"thought": thought, "name": name, "code": code}, indent=1)
         text = f"```json\n{payload}\n```" if rng.random() < self.fence_rate else payload
         return ProposerReply(text=text, model=MODEL_NAME, latency_s=time.perf_counter() - start)
 
@@ -175,7 +227,7 @@ class OfflineProposer(Proposer):
             if entry.status != Status.EVALUATED.value or entry.fitness is None or not math.isfinite(entry.fitness):
                 continue
             if entry.code not in self._genomes:
-                self._genomes[entry.code] = genome_from_code(entry.code)
+                self._genomes[entry.code] = self.grammar.genome_from_code(entry.code)
             recovered = self._genomes[entry.code]
             if recovered is not None:
                 parents.append(Parent(name=entry.name, fitness=entry.fitness, genome=recovered[0]))
@@ -189,7 +241,7 @@ class OfflineProposer(Proposer):
 
     def _fingerprint(self, code: str) -> str | None:
         if code not in self._fingerprints:
-            self._fingerprints[code] = canonical_fingerprint(code, HYPERPARAMETERS)
+            self._fingerprints[code] = canonical_fingerprint(code, tuple(self.grammar.hyperparameters))
         return self._fingerprints[code]
 
     # variation
@@ -198,29 +250,23 @@ class OfflineProposer(Proposer):
         explore = 0.5 if len(parents) < self.exploration_threshold else self.immigrant_rate
         draw = rng.random()
         if not parents or draw < explore:
-            return Child(random_genome(rng), "Explores a random combination of building blocks to keep the search diverse.")
+            return Child(self.grammar.random_genome(rng), "Explores a random combination of building blocks to keep the search diverse.")
 
         if draw < explore + self.crossover_rate and len(parents) >= 2:
             first = self._tournament(parents, rng)
             second = self._tournament(parents, rng)
             if first is not second:
-                genome, operator = crossover(first.genome, second.genome, rng)
+                genome, how = self.grammar.crossover(first.genome, second.genome, rng)
                 if genome not in (first.genome, second.genome):
-                    return Child(genome, _crossover_sentence(operator, first, second))
+                    return Child(genome, f"Crosses {_label(first)} with {_label(second)}: {how}.")
 
         parent = self._tournament(parents, rng)
-        genome, changes = mutate(parent.genome, rng)
+        genome, changes = self.grammar.mutate(parent.genome, rng)
         return Child(genome, f"Mutates {_label(parent)} by {' and '.join(changes)}.")
 
 
 def _label(parent: Parent) -> str:
     return f"'{parent.name}' (fitness {parent.fitness:.4f})"
-
-
-def _crossover_sentence(operator: Crossover, first: Parent, second: Parent) -> str:
-    if operator is Crossover.BLEND:
-        return f"Blends the main shape of {_label(second)} into {_label(first)}."
-    return f"Combines the gene groups of {_label(first)} and {_label(second)}."
 
 
 def request_seed(request: ProposalRequest) -> int:

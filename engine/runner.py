@@ -96,7 +96,7 @@ def choose_backend(config: SandboxConfig, run_id: str) -> tuple[SandboxBackend, 
         raise RunError(str(error)) from None
 
 
-def choose_proposer(config: ProposerConfig, archive: Archive | None = None) -> Proposer:
+def choose_proposer(config: ProposerConfig, archive: Archive | None = None, task: Task | None = None) -> Proposer:
     """Return the proposer a config asks for; an LLM proposer's ledger continues from the archive's totals."""
     kind = config.kind
     if kind == "auto":
@@ -108,9 +108,17 @@ def choose_proposer(config: ProposerConfig, archive: Archive | None = None) -> P
             return build_llm_proposer(config, archive.llm_totals() if archive is not None else None)
         except ValueError as error:
             raise RunError(str(error)) from None
-    from engine.offline_proposer import OfflineProposer
+    from engine.offline_proposer import OfflineProposer, PreferenceLossGrammar
 
-    return OfflineProposer()
+    grammar = task.loss_grammar() if task is not None else None
+    if grammar is None:
+        grammar = PreferenceLossGrammar()
+        if task is not None and tuple(task.interface.params) != tuple(grammar.params):
+            raise RunError(
+                f"the offline proposer has no building blocks for task {task.name!r} (its candidates take "
+                f"{', '.join(task.interface.params)}); implement Task.loss_grammar() or use --proposer openai"
+            )
+    return OfflineProposer(grammar=grammar)
 
 
 def lock_run_dir(run_dir: Path):
@@ -137,6 +145,7 @@ def open_run(config: RunConfig | None, resume_dir: Path | None, overrides: dict[
         run_dir = resume_dir
     else:
         assert config is not None
+        get_task(config.task)  # an unknown task name fails before any directory is made
         run_dir = Path(config.run_dir) if config.run_dir else default_run_dir(config.task)
         if (run_dir / ARCHIVE_FILE).exists():
             raise RunError(f"{run_dir} already contains a run; resume it with --resume {run_dir} or choose another --run-dir")

@@ -50,7 +50,7 @@ def run_session(
         console.print(f"removed {removed} leftover sandbox container(s) of an earlier crash")
 
     try:
-        proposer = choose_proposer(config.proposer, archive)
+        proposer = choose_proposer(config.proposer, archive, context.task)
         console.print(f"proposer: {proposer.name}")
         archive.set_meta("proposer", proposer.name)
 

@@ -114,6 +114,15 @@ class Task(abc.ABC):
     ) -> EvaluationOutcome:
         """Train with the candidate and score it; raise CandidateRejected on failure."""
 
+    def loss_grammar(self) -> Any:
+        """Return the building blocks the offline proposer recombines for this task, or None.
+
+        See `engine.offline_proposer.PreferenceLossGrammar` for the methods a
+        grammar provides. A task without one can only be evolved by an LLM,
+        unless its interface is the preference interface, whose grammar is built in.
+        """
+        return None
+
     def hyperparameter_values(self, settings: Any) -> dict[str, float]:
         """Return the values bound to `interface.hyperparameters` for these settings."""
         return {name: getattr(settings, name) for name in self.interface.hyperparameters}
