@@ -13,7 +13,8 @@ from rich.console import Console
 from engine.config import ConfigError, config_from_dict, load_config_file, merge
 
 logger = logging.getLogger("engine")
-console = Console()
+# a wide console when output goes to a file or pipe, so that tables stay readable
+console = Console(width=None if sys.stdout.isatty() else 160)
 
 # Each subcommand lives in engine/commands/<name>.py and exposes main(argv) -> exit code.
 SUBCOMMANDS = {
