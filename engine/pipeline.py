@@ -205,6 +205,8 @@ class Pipeline:
     def _record_failure(self, candidate: Candidate, result: StageResult) -> None:
         status = Status.TIMEOUT if result.category == "timeout" else Status.REJECTED
         candidate.log_tail = result.log_tail
+        if result.peak_rss_mb is not None:
+            candidate.metrics["peak_rss_mb"] = round(result.peak_rss_mb, 1)
         self._reject(candidate, result.stage, result.reason, result.category, status)
 
     def _reject(
