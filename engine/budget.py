@@ -1,8 +1,8 @@
 """Token and cost accounting of LLM calls, with hard limits checked before each request.
 
-The archive's llm_calls table is the durable record. A `Ledger` holds the
-running totals for one process: it starts from the archive's totals (so a
-resumed run keeps counting where it stopped) and adds each response's usage
+The archive's llm_calls table is the durable record. A `Ledger` keeps the
+running totals for one process. It starts from the archive's totals, so a
+resumed run keeps counting where it stopped, and adds each response's usage
 as it arrives. Before every request the ledger compares what is spent plus
 an estimate of the next request with the limits, and raises BudgetExceeded
 instead of sending a request that could cross one.

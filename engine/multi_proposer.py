@@ -60,9 +60,9 @@ def model_specs(config: ProposerConfig) -> list[ModelSpec]:
 def parse_models(text: str) -> list[dict[str, Any]]:
     """Parse "NAME[:WEIGHT],NAME[:WEIGHT],..." into `models` entries.
 
-    A name may contain colons (Ollama tags such as "llama3.1:8b"); only a
-    last part that reads as a number is taken as the weight, so a numeric tag
-    needs an explicit weight ("model:7:1").
+    A name may contain colons, as Ollama tags such as "llama3.1:8b" do. Only
+    a last part that reads as a number is taken as the weight, so a numeric
+    tag needs an explicit weight ("model:7:1").
     """
     entries = []
     for item in (part.strip() for part in text.split(",")):
@@ -114,7 +114,7 @@ class ThompsonSelection:
     """Thompson sampling over "this model's candidate raised the best fitness".
 
     Each model has a Beta(1 + improved, 1 + not improved) posterior over its
-    chance of improving the best fitness; each request draws once from every
+    chance of improving the best fitness. Each request draws once from every
     posterior and takes the model with the highest draw. Invalid and
     duplicate candidates count as not improved.
     """

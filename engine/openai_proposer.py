@@ -3,12 +3,12 @@
 A call is retried, with exponential backoff and jitter, after a 429, a 5xx,
 a timeout, a connection error, a body that is not valid JSON, and an empty
 or cut-off reply (finish_reason "length", or text that `is_empty_or_truncated`
-flags). A Retry-After header sets the wait. Three limits end the retries and
-raise ProposerUnavailable naming the URL and the last error, so the run
-stops instead of burning generations: the retries of one call, the retries
-of the whole session (`RetryBudget`) and the consecutive failures of the
-endpoint (`CircuitBreaker`). Before each request the `Ledger` checks the
-cost and token limits.
+flags). A Retry-After header sets the wait. Three limits end the retries:
+the retries of one call, the retries of the whole session (`RetryBudget`)
+and the consecutive failures of the endpoint (`CircuitBreaker`). Then the
+proposer raises ProposerUnavailable naming the URL and the last error, so
+the run stops instead of burning generations. Before each request the
+`Ledger` checks the cost and token limits.
 
 Waits use time.sleep, which a Ctrl-C (KeyboardInterrupt) interrupts at once;
 tests/engine/test_openai_interrupt.py checks that for a backoff and for a
@@ -80,7 +80,7 @@ class CircuitBreaker:
 
 @dataclass
 class _CallStats:
-    """What one call (all its requests) has spent so far."""
+    """Usage of one call so far, all its requests together."""
 
     requests: int = 0
     prompt_tokens: int = 0
@@ -114,7 +114,7 @@ def is_retryable(error: BaseException) -> bool:
 
 
 def is_endpoint_failure(error: BaseException) -> bool:
-    """Return whether a failure says the endpoint is down, as opposed to busy (429) or the model misbehaving."""
+    """Return whether a failure means the endpoint is down, rather than busy (429) or sending bad replies."""
     if isinstance(error, (openai.APIConnectionError, MalformedResponse)):
         return True
     return isinstance(error, openai.APIStatusError) and error.status_code >= 500

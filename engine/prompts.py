@@ -43,14 +43,14 @@ FORMAT_REPAIR = (
 
 
 class ContextStrategy(str, Enum):
-    """Which earlier proposals the conversation shows."""
+    """Rule that selects the earlier proposals a request shows."""
 
     ALL = "all"  # every finished proposal (the study's default)
     TOP_K = "top-k"  # the K best evaluated proposals, then the open repair attempts
 
 
 class ContextOrder(str, Enum):
-    """In which order the shown proposals appear."""
+    """Order of the shown proposals."""
 
     CHRONOLOGICAL = "chronological"
     SORTED = "sorted"  # by fitness, worst first and best last, nearest the request
@@ -58,7 +58,7 @@ class ContextOrder(str, Enum):
 
 @dataclass(frozen=True)
 class ContextOptions:
-    """What earlier proposals the conversation shows.
+    """Selection, order and trimming of the earlier proposals a request shows.
 
     Attributes:
         strategy: all finished proposals, or the top K by fitness.
@@ -217,7 +217,7 @@ def build_context(
 
 
 def entry_messages(candidate: Candidate, include_thoughts: bool) -> list[dict[str, str]]:
-    """Return the assistant turn of an earlier proposal and the user turn that answered it."""
+    """Return the assistant turn of an earlier proposal and the feedback turn after it."""
     return [
         {"role": "assistant", "content": assistant_message(candidate, include_thoughts)},
         {"role": "user", "content": feedback_message(candidate)},

@@ -7,11 +7,19 @@ so a test can compare the client's accounting with the server's.
 
     with FakeOpenAIServer([Reply(GOOD), Fault(429, retry_after="0.01"), Reply(GOOD)]) as server:
         client = openai.OpenAI(base_url=server.base_url, api_key="unused")
+
+Run as a program, it serves a few valid loss replies in a loop, for trying
+`evolve --base-url` by hand:
+
+    python -m tests.support.fake_openai_server --port 8000
 """
 
 from __future__ import annotations
 
+import argparse
+import itertools
 import json
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -30,7 +38,7 @@ class Reply:
             characters divided by 4.
         completion_tokens: billed completion tokens; None bills len(content) // 4.
         model: the model name reported back; None echoes the requested model.
-        delay_s: seconds to wait before answering, to run past a client timeout.
+        delay_s: seconds to wait before replying, to run past a client timeout.
     """
 
     content: str
@@ -83,9 +91,11 @@ class LoggedRequest:
         messages: the chat messages of the request.
         temperature: the sampling temperature requested, if any.
         max_tokens: the completion token limit requested, if any.
-        step: the script step that answered it; None when the script was used up.
+        step: the script step used for the response, or None when the script was used up.
         prompt_tokens: prompt tokens billed (0 unless a Reply answered).
         completion_tokens: completion tokens billed (0 unless a Reply answered).
+        body: the decoded request body.
+        headers: the request headers, with lowercase names.
     """
 
     index: int
@@ -97,6 +107,14 @@ class LoggedRequest:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     body: dict[str, Any] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def unused_port() -> int:
+    """Return a loopback port that nothing listens on (bound once, then released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def prompt_chars(messages: list[dict[str, Any]]) -> int:
@@ -107,14 +125,20 @@ def prompt_chars(messages: list[dict[str, Any]]) -> int:
 class FakeOpenAIServer:
     """Serves a script of replies and faults over real HTTP; use as a context manager."""
 
-    def __init__(self, script: list[Step]) -> None:
+    def __init__(self, script: list[Step], port: int = 0, repeat: bool = False) -> None:
         self._script = list(script)
+        # when repeating, the script restarts from its first step once it is used up
+        self._cycle = itertools.cycle(list(script)) if repeat and script else None
         self._lock = threading.Lock()
+        self._arrived = threading.Condition(self._lock)
         self._closing = threading.Event()
         self.requests: list[LoggedRequest] = []
-        self._http = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self._http = ThreadingHTTPServer(("127.0.0.1", port), self._handler_class())
         self._http.daemon_threads = True
-        self._thread = threading.Thread(target=self._http.serve_forever, name="fake-openai", daemon=True)
+        # a short poll interval lets close() return quickly; serve_forever checks for shutdown between polls
+        self._thread = threading.Thread(
+            target=self._http.serve_forever, kwargs={"poll_interval": 0.02}, name="fake-openai", daemon=True
+        )
 
     @property
     def port(self) -> int:
@@ -149,14 +173,22 @@ class FakeOpenAIServer:
         self._http.server_close()
         self._thread.join(timeout=5)
 
+    def wait_for_requests(self, count: int, timeout_s: float = 30.0) -> bool:
+        """Block until `count` requests have arrived; return False if the timeout passed first."""
+        with self._arrived:
+            return self._arrived.wait_for(lambda: len(self.requests) >= count, timeout=timeout_s)
+
     def billed_tokens(self) -> tuple[int, int]:
         """Return the (prompt, completion) tokens billed over all requests."""
         with self._lock:
             return (sum(r.prompt_tokens for r in self.requests), sum(r.completion_tokens for r in self.requests))
 
-    def _next(self, body: dict[str, Any]) -> LoggedRequest:
+    def _next(self, body: dict[str, Any], headers: dict[str, str]) -> LoggedRequest:
         with self._lock:
-            step = self._script.pop(0) if self._script else None
+            if self._cycle is not None:
+                step = next(self._cycle)
+            else:
+                step = self._script.pop(0) if self._script else None
             logged = LoggedRequest(
                 index=len(self.requests),
                 model=str(body.get("model", "")),
@@ -165,6 +197,7 @@ class FakeOpenAIServer:
                 max_tokens=body.get("max_tokens", body.get("max_completion_tokens")),
                 step=step,
                 body=body,
+                headers=headers,
             )
             if isinstance(step, Reply):
                 logged.prompt_tokens = (
@@ -174,6 +207,7 @@ class FakeOpenAIServer:
                     step.completion_tokens if step.completion_tokens is not None else len(step.content) // 4
                 )
             self.requests.append(logged)
+            self._arrived.notify_all()
             return logged
 
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
@@ -202,7 +236,7 @@ class FakeOpenAIServer:
                 except json.JSONDecodeError:
                     self._send_json(400, _error_body("request body is not JSON"))
                     return
-                logged = server._next(body)
+                logged = server._next(body, {name.lower(): value for name, value in self.headers.items()})
                 step = logged.step
                 if step is None:
                     self._send_json(500, _error_body("the fake server's script is used up"))
@@ -256,3 +290,41 @@ def _completion(step: Reply, logged: LoggedRequest) -> dict[str, Any]:
             "total_tokens": logged.prompt_tokens + logged.completion_tokens,
         },
     }
+
+
+_HEADER = (
+    "def {name}(self, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps):\n"
+    "    rho = (policy_chosen_logps - reference_chosen_logps) - (policy_rejected_logps - reference_rejected_logps)\n"
+)
+_DEMO_LOSSES = {
+    "softplus_margin": "    return F.softplus(1.0 - self.beta * rho)\n",
+    "squared_margin": "    return (self.beta * rho - 1.0) ** 2\n",
+    "scaled_logistic": "    return -F.logsigmoid(2.0 * self.beta * rho)\n",
+}
+
+
+def demo_script() -> list[Step]:
+    """Return replies with valid pairwise preference losses, the first one inside a ```json fence."""
+    replies = []
+    for index, (name, body) in enumerate(_DEMO_LOSSES.items()):
+        code = "import torch.nn.functional as F\n\n" + _HEADER.format(name=name) + body
+        text = json.dumps({"thought": f"try {name}", "name": name, "code": code})
+        replies.append(Reply(f"```json\n{text}\n```" if index == 0 else text))
+    return replies
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Serve scripted chat completions on 127.0.0.1 until Ctrl-C.")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port on 127.0.0.1 (default: 8000)")
+    args = parser.parse_args()
+    with FakeOpenAIServer(demo_script(), port=args.port, repeat=True) as server:
+        print(f"serving {len(_DEMO_LOSSES)} replies in a loop at {server.base_url}; Ctrl-C stops", flush=True)
+        try:
+            threading.Event().wait()
+        except KeyboardInterrupt:
+            pass
+        print(f"{len(server.requests)} request(s) served", flush=True)
+
+
+if __name__ == "__main__":
+    main()
