@@ -24,7 +24,7 @@ import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import docker
 import requests
@@ -33,7 +33,8 @@ from docker.models.containers import Container
 from docker.types import DeviceRequest, LogConfig, Mount, Ulimit
 
 from sandbox.backend import BackendKind, Limits, SandboxBackend, SandboxUnavailable
-from sandbox.protocol import JOB_FILE, LOG_FILE, RESULT_FILE, Job, JobKind, Stage, StageResult
+from sandbox.process_backend import ProgressCallback, ProgressTail
+from sandbox.protocol import JOB_FILE, LOG_FILE, PROGRESS_FILE, RESULT_FILE, Job, JobKind, Stage, StageResult
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,8 @@ LABEL_KIND = "evolve.kind"
 NOBODY_ID = 65534
 MAX_RESULT_BYTES = 16 * 1024 * 1024
 LOG_TAIL_CHARS = 4000
+# How often progress events are read while a job runs, in seconds.
+PROGRESS_POLL_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,7 @@ def container_environment(limits: Limits) -> dict[str, str]:
         "OMP_NUM_THREADS": threads,
         "MKL_NUM_THREADS": threads,
         "TOKENIZERS_PARALLELISM": "false",
+        "TQDM_DISABLE": "1",
         "HF_HOME": "/tmp/huggingface",
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
@@ -169,8 +173,14 @@ class DockerBackend(SandboxBackend):
 
     # --- jobs ---------------------------------------------------------------
 
-    def run(self, job: Job, job_dir: Path, limits: Limits) -> StageResult:
-        """Run one worker job in a new container, as SandboxBackend.run describes."""
+    def run(
+        self, job: Job, job_dir: Path, limits: Limits, on_progress: ProgressCallback | None = None
+    ) -> StageResult:
+        """Run one worker job in a new container, as SandboxBackend.run describes.
+
+        `on_progress` receives each event the worker appends to its progress
+        file, read about once a second while the job runs.
+        """
         job_dir = job_dir.resolve()
         job_dir.mkdir(parents=True, exist_ok=True)
         mounts: list[Mount] = []
@@ -184,13 +194,23 @@ class DockerBackend(SandboxBackend):
                 _give_to_container_user(cache_dir)
             elif not cache_dir.is_dir():
                 raise ValueError(f"cache directory {cache_dir} does not exist; run the task's prepare job first")
+            else:
+                _make_readable_by_container(cache_dir)
             read_only = job.kind is not JobKind.PREPARE
             mounts.append(Mount(CONTAINER_CACHE_DIR, str(cache_dir), type="bind", read_only=read_only))
             job = dataclasses.replace(job, cache_dir=CONTAINER_CACHE_DIR)
         # a file left by an earlier container in this directory is not trusted
-        for stale in (RESULT_FILE, JOB_FILE + ".tmp"):
+        for stale in (RESULT_FILE, PROGRESS_FILE, JOB_FILE + ".tmp"):
             (job_dir / stale).unlink(missing_ok=True)
         job.write(job_dir)
+
+        poll = None
+        if on_progress is not None:
+            tail = ProgressTail(job_dir / PROGRESS_FILE)
+
+            def poll() -> None:
+                for event in tail.poll():
+                    on_progress(event)
 
         run = self.run_in_container(
             list(self.worker_command),
@@ -199,6 +219,7 @@ class DockerBackend(SandboxBackend):
             kind=job.kind.value,
             candidate_id=job.candidate_id,
             extra_mounts=mounts,
+            poll=poll,
         )
         _write_log(job_dir / LOG_FILE, run.logs)
         return self._stage_result(run, job_dir, limits)
@@ -212,18 +233,20 @@ class DockerBackend(SandboxBackend):
         kind: str,
         candidate_id: str = "",
         extra_mounts: Sequence[Mount] = (),
+        poll: Callable[[], None] | None = None,
     ) -> ContainerRun:
         """Run `command` in a new sandbox container with `job_dir` at /job, then remove the container.
 
         The deadline counts from container start. At the deadline the container
-        is killed and removed; a container that outlives removal raises
+        is killed and removed. A container that outlives removal raises
         SandboxUnavailable, because it would keep running unsupervised.
+        `poll`, if given, is called every PROGRESS_POLL_S seconds and once at the end.
         """
         container = self.create_container(
             command, job_dir, limits, kind=kind, candidate_id=candidate_id, extra_mounts=extra_mounts
         )
         try:
-            return self._supervise(container, limits)
+            return self._supervise(container, limits, poll)
         finally:
             self._remove(container)
 
@@ -254,15 +277,17 @@ class DockerBackend(SandboxBackend):
         """Create, but do not start, a sandbox container; the caller must remove it."""
         job_dir = job_dir.resolve()
         if os.getuid() == 0:
-            # the container runs as nobody and writes its results here
+            # the container runs as nobody (uid 65534) and writes its results here
             os.chown(job_dir, *_container_ids())
         labels = {LABEL_MANAGED: "1", LABEL_RUN_ID: self.run_id, LABEL_CANDIDATE_ID: candidate_id, LABEL_KIND: kind}
         name = container_name(self.run_id, candidate_id, kind)
+
         mounts = [Mount(CONTAINER_JOB_DIR, str(job_dir), type="bind", read_only=False)]
         for package in SOURCE_PACKAGES:
             source = str(self.source_root / package)
             mounts.append(Mount(f"{CONTAINER_SOURCE_DIR}/{package}", source, type="bind", read_only=True))
         mounts.extend(extra_mounts)
+
         command = list(command)
         output_bytes = limits.output_mb * 1024 * 1024
         environment = container_environment(limits)
@@ -292,8 +317,8 @@ class DockerBackend(SandboxBackend):
                 Ulimit(name="core", soft=0, hard=0),
             ],
             # json-file keeps at most two files of the limit each, so a chatty
-            # candidate cannot fill the Docker host's disk, and output beyond the
-            # limit still leaves a full limit's worth to keep
+            # candidate cannot fill the Docker host's disk. Output beyond the
+            # limit still leaves a full limit's worth to keep.
             log_config=LogConfig(
                 type=LogConfig.types.JSON,
                 config={"max-size": str(max(self.log_limit_bytes, 4096)), "max-file": "2"},
@@ -301,6 +326,7 @@ class DockerBackend(SandboxBackend):
             device_requests=[DeviceRequest(count=1, capabilities=[["gpu"]])] if limits.gpu else None,
         )
         logger.debug("creating container %s (environment names: %s)", name, ", ".join(sorted(environment)))
+
         try:
             return self.client.containers.create(**options)
         except APIError as error:
@@ -314,7 +340,7 @@ class DockerBackend(SandboxBackend):
             explanation = error.explanation or error
             raise SandboxUnavailable(f"could not create container {options['name']}: {explanation}") from error
 
-    def _supervise(self, container: Container, limits: Limits) -> ContainerRun:
+    def _supervise(self, container: Container, limits: Limits, poll: Callable[[], None] | None) -> ContainerRun:
         """Start `container`, wait for it until the deadline, and kill it there."""
         try:
             container.start()
@@ -328,12 +354,19 @@ class DockerBackend(SandboxBackend):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
+            wait_s = min(remaining, PROGRESS_POLL_S) if poll else remaining
+            waited_from = time.monotonic()
             try:
-                exit_code = int(container.wait(timeout=remaining)["StatusCode"])
-            except requests.exceptions.RequestException:
-                # a read timeout at the deadline; anything earlier means the engine is gone
-                if time.monotonic() < deadline:
+                exit_code = int(container.wait(timeout=wait_s)["StatusCode"])
+            except NotFound as error:
+                raise SandboxUnavailable(f"container {container.name} disappeared while it ran: {error}") from error
+            except requests.exceptions.RequestException as error:
+                # a read timeout is expected; a wait that failed early means the engine is in trouble
+                if time.monotonic() - waited_from < wait_s / 2:
                     _ping(self.client)
+                    raise SandboxUnavailable(f"waiting for container {container.name} failed: {error}") from error
+            if poll:
+                poll()
 
         timed_out = exit_code is None
         if timed_out:
@@ -360,7 +393,7 @@ class DockerBackend(SandboxBackend):
         return raw.decode("utf-8", errors="replace")
 
     def _remove(self, container: Container) -> None:
-        """Force-remove `container` and check that Docker no longer knows it."""
+        """Force-remove `container` and check that Docker no longer lists it."""
         for _ in range(3):
             try:
                 container.remove(force=True)
@@ -384,6 +417,7 @@ class DockerBackend(SandboxBackend):
         tail = run.logs[-LOG_TAIL_CHARS:]
 
         def failure(reason: str, category: str) -> StageResult:
+            logger.info("job in container %s failed (%s): %s", run.name, category, reason)
             return StageResult(
                 ok=False, stage=Stage.SANDBOX, reason=reason, category=category, wall_s=run.wall_s, log_tail=tail
             )
@@ -443,6 +477,23 @@ def _container_ids() -> tuple[int, int]:
 def _container_user() -> str:
     uid, gid = _container_ids()
     return f"{uid}:{gid}"
+
+
+def _make_readable_by_container(directory: Path) -> None:
+    """Add read permission for others to the files under `directory`, when the engine is root.
+
+    A root engine's container runs as nobody (uid 65534), which cannot read
+    files saved with mode 0600, such as the preference task's cached model.safetensors.
+    """
+    if os.getuid() != 0:
+        return
+    for parent, directories, files in os.walk(directory):
+        os.chmod(parent, os.stat(parent).st_mode | stat.S_IROTH | stat.S_IXOTH)
+        for name in files:
+            path = os.path.join(parent, name)
+            mode = os.lstat(path).st_mode
+            if stat.S_ISREG(mode) and not mode & stat.S_IROTH:
+                os.chmod(path, mode | stat.S_IROTH)
 
 
 def _give_to_container_user(directory: Path) -> None:

@@ -124,6 +124,23 @@ def test_hung_job_does_not_delay_others(backend, run_id, tmp_path):
 
 
 @pytest.mark.docker
+def test_progress_events_reach_callback(backend, tmp_path):
+    command = (
+        "import json, time\n"
+        "for step in range(3):\n"
+        "    with open('/job/progress.jsonl', 'a') as handle:\n"
+        "        handle.write(json.dumps({'step': step, 'total': 3, 'message': 'training'}) + '\\n')\n"
+        "    time.sleep(0.6)\n" + WRITE_RESULT
+    )
+    backend.worker_command = ("python", "-c", command)
+    events = []
+    result = backend.run(make_job(tmp_path), tmp_path / "job", SMALL, on_progress=events.append)
+    assert result.ok, result.reason + result.log_tail
+    assert [event["step"] for event in events] == [0, 1, 2]
+    assert events[0]["message"] == "training"
+
+
+@pytest.mark.docker
 def test_oom_kill_is_reported(backend, run_id, tmp_path):
     # bytes multiplication writes every page, so the 400 MiB are really resident
     backend.worker_command = ("python", "-c", "data = b'x' * (400 * 1024 * 1024)")
@@ -201,7 +218,9 @@ def test_log_file_is_bounded(run_id, tmp_path):
 @pytest.mark.docker
 def test_cache_is_read_only_at_container_path(backend, tmp_path):
     job = make_job(tmp_path)
+    # transformers saves model.safetensors with mode 0600
     (Path(job.cache_dir) / "model.txt").write_text("weights")
+    (Path(job.cache_dir) / "model.txt").chmod(0o600)
     command = (
         "import errno, json\n"
         "print('cache_dir=' + json.load(open('/job/job.json'))['cache_dir'])\n"

@@ -24,8 +24,8 @@ SANDBOXED_REPORT = {
         "names": [
             "CUBLAS_WORKSPACE_CONFIG", "HF_DATASETS_OFFLINE", "HF_HOME", "HF_HUB_OFFLINE", "HOME", "HOSTNAME",
             "LANG", "MKL_NUM_THREADS", "MPLCONFIGDIR", "OMP_NUM_THREADS", "PATH", "PYTHONDONTWRITEBYTECODE",
-            "PYTHONHASHSEED", "PYTHONPATH", "PYTHONUNBUFFERED", "TOKENIZERS_PARALLELISM", "TRANSFORMERS_OFFLINE",
-            "USER",
+            "PYTHONHASHSEED", "PYTHONPATH", "PYTHONUNBUFFERED", "TOKENIZERS_PARALLELISM", "TQDM_DISABLE",
+            "TRANSFORMERS_OFFLINE", "USER",
         ],
     },
     "filesystem": {
@@ -73,7 +73,7 @@ def test_sandboxed_report_passes():
     assert report.exit_code == 0
     lines = report.lines()
     assert lines[0].startswith("network: blocked (")
-    assert "environment: clean (canary absent) (18 variables, all from the allow-list)" in lines
+    assert "environment: clean (canary absent) (19 variables, all from the allow-list)" in lines
     assert "root filesystem: read-only (writing /usr: EROFS, writing /: EROFS)" in lines
     assert "user: non-root (uid 65534, gid 65534)" in lines
     assert lines[-1] == "probe container: 5.4 s from start to exit"
