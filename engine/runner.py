@@ -20,8 +20,8 @@ from engine.proposer import Proposer
 from evaluators.registry import get_task
 from evaluators.task import Task
 from sandbox.backend import Limits, SandboxBackend, SandboxUnavailable
-from sandbox.process_backend import ProcessBackend, ProgressTail, read_log_tail
-from sandbox.protocol import LOG_FILE, PROGRESS_FILE, RESULT_FILE, Job, JobKind
+from sandbox.process_backend import ProcessBackend, read_log_tail
+from sandbox.protocol import LOG_FILE, PROGRESS_FILE, RESULT_FILE, Job, JobKind, ProgressTail
 
 logger = logging.getLogger(__name__)
 

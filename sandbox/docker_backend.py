@@ -33,8 +33,18 @@ from docker.models.containers import Container
 from docker.types import DeviceRequest, LogConfig, Mount, Ulimit
 
 from sandbox.backend import BackendKind, Limits, SandboxBackend, SandboxUnavailable
-from sandbox.process_backend import ProgressCallback, ProgressTail
-from sandbox.protocol import JOB_FILE, LOG_FILE, PROGRESS_FILE, RESULT_FILE, Job, JobKind, Stage, StageResult
+from sandbox.process_backend import ProgressCallback
+from sandbox.protocol import (
+    JOB_FILE,
+    LOG_FILE,
+    PROGRESS_FILE,
+    RESULT_FILE,
+    Job,
+    JobKind,
+    ProgressTail,
+    Stage,
+    StageResult,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from sandbox.backend import BackendKind, Limits, SandboxBackend, SandboxUnavailable
-from sandbox.protocol import LOG_FILE, PROGRESS_FILE, RESULT_FILE, Job, Stage, StageResult
+from sandbox.protocol import LOG_FILE, PROGRESS_FILE, RESULT_FILE, Job, ProgressTail, Stage, StageResult
 
 logger = logging.getLogger(__name__)
 
@@ -85,33 +85,6 @@ def read_log_tail(path: Path, limit: int = _LOG_TAIL_CHARS) -> str:
             return handle.read().decode("utf-8", errors="replace")
     except OSError:
         return ""
-
-
-class ProgressTail:
-    """Reads new JSON lines appended to a job's progress file."""
-
-    def __init__(self, path: Path) -> None:
-        self._path = path
-        self._offset = 0
-
-    def poll(self) -> list[dict]:
-        try:
-            with open(self._path) as handle:
-                handle.seek(self._offset)
-                chunk = handle.read()
-        except OSError:
-            return []
-        complete, _, _ = chunk.rpartition("\n")
-        if not complete:
-            return []
-        self._offset += len(complete) + 1
-        events = []
-        for line in complete.splitlines():
-            try:
-                events.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-        return events
 
 
 class ProcessBackend(SandboxBackend):

@@ -101,3 +101,39 @@ def write_json_atomic(path: Path, payload: Any) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+
+
+class ProgressTail:
+    """Reads the complete JSON lines appended to a job's progress file since the last poll.
+
+    The file lives in a directory that candidate code can write to, so it is
+    opened without following symlinks, read in bytes and bounded per poll.
+    """
+
+    _MAX_READ = 1 << 20
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._offset = 0
+
+    def poll(self) -> list[dict[str, Any]]:
+        try:
+            descriptor = os.open(self._path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            return []
+        with os.fdopen(descriptor, "rb") as handle:
+            handle.seek(self._offset)
+            chunk = handle.read(self._MAX_READ)
+        complete, newline, _ = chunk.rpartition(b"\n")
+        if not newline:
+            return []
+        self._offset += len(complete) + 1
+        events = []
+        for line in complete.splitlines():
+            try:
+                event = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                continue
+            if isinstance(event, dict):
+                events.append(event)
+        return events
