@@ -204,6 +204,8 @@ class OpenAIProposer(Proposer):
             sleep=self._sleep,
             reraise=True,
         )
+        # NOTE: a call ended by Ctrl-C raises KeyboardInterrupt past this point, so the
+        # tokens of its finished requests never reach the archive.
         try:
             response = retrying(self._request, request.messages, stats)
         except ProposerStopped as stopped:

@@ -22,6 +22,7 @@ from engine.config import ProposerConfig, RunConfig, SandboxConfig
 from engine.loop import Evolution, LoopOptions
 from engine.openai_proposer import ProposerUnavailable
 from engine.prompts import INVALID_PREFIX, ContextOptions
+from engine.proposer import ProposalRequest, Proposer, ProposerReply
 from engine.runner import build_pipeline, choose_proposer, open_run
 from sandbox.protocol import Stage
 from tests.conftest import ROOT, TOY_TASK
@@ -71,6 +72,21 @@ SCRIPT = [
 PRICES = {MODEL: {"prompt_per_mtok": 1.0, "completion_per_mtok": 2.0}}
 
 
+class ObservedProposer(Proposer):
+    """Passes requests to another proposer and records the outcomes the loop reports."""
+
+    def __init__(self, inner: Proposer) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.outcomes: list[tuple[str, bool]] = []
+
+    def propose(self, request: ProposalRequest) -> ProposerReply:
+        return self.inner.propose(request)
+
+    def observe(self, candidate_model: str, improved: bool) -> None:
+        self.outcomes.append((candidate_model, improved))
+
+
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory) -> Path:
     """One cache for the module, so the seeds' baseline fitness is measured once."""
@@ -98,8 +114,9 @@ def acceptance(tmp_path_factory, cache_dir):
         )
         context = open_run(config, None, {})
         options = LoopOptions(generations=3, max_attempts=3, seed=0, context=ContextOptions.from_config(proposer_config))
+        proposer = ObservedProposer(choose_proposer(proposer_config, context.archive))
         evolution = Evolution(context.task, context.settings, context.archive, build_pipeline(context),
-                              choose_proposer(proposer_config, context.archive), QuietReporter(), options)
+                              proposer, QuietReporter(), options)
         evolution.add_seeds(context.task.seeds())
         evolution.run()
         url = server.base_url
@@ -114,6 +131,7 @@ def acceptance(tmp_path_factory, cache_dir):
         "requests": requests,
         "billed": billed,
         "remaining": remaining,
+        "outcomes": list(proposer.outcomes),
         "totals": archive.llm_totals(),
         "calls": {row["candidate_id"]: row for row in archive.llm_calls()},
     }
@@ -162,6 +180,18 @@ def test_each_call_lists_its_retries(acceptance):
     assert empty == "EmptyReply: the reply was empty"
     assert [calls[i]["requests"] for i in ("g001-a01", "g002-a01", "g002-a02", "g003-a01", "g003-a02")] == [1, 1, 2, 4, 3]
     assert all(row["temperature"] == 0.8 and row["served_model"] == MODEL for row in calls.values())
+
+
+def test_loop_reports_outcomes_to_proposer(acceptance):
+    archive = acceptance["archive"]
+    best = max(seed.fitness for seed in archive.seeds())
+    expected = []
+    for candidate in archive.iter_proposals():
+        improved = candidate.status is Status.EVALUATED and candidate.fitness > best
+        expected.append((MODEL, improved))
+        if improved:
+            best = candidate.fitness
+    assert acceptance["outcomes"] == expected
 
 
 def test_rejection_is_fed_back_and_retries_resend(acceptance):
