@@ -140,7 +140,7 @@ def build_run_parser() -> argparse.ArgumentParser:
 
     sandbox = parser.add_argument_group("sandbox")
     sandbox.add_argument("--sandbox", choices=("auto", "process", "docker"),
-                         help="where candidate code runs (default auto: docker when the engine and image answer)")
+                         help="where candidate code runs (default auto: docker when the Docker engine responds and the image exists)")
     sandbox.add_argument("--unit-test-timeout", type=float, metavar="SECONDS",
                          help="wall-clock limit of the unit-test stage (default: 60)")
     sandbox.add_argument("--train-timeout", type=float, metavar="SECONDS",

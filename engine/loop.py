@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 
 class Reporter(Protocol):
-    """What the loop tells the person watching."""
+    """Receiver of the events that a person watching the run sees."""
 
     def generation_started(self, generation: int, total: int) -> None: ...
 

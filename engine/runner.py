@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 
 class RunError(RuntimeError):
-    """Raised for a problem that stops a run before or between candidates; the message says the fix."""
+    """Raised for a problem that stops a run before or between candidates; the message names the fix."""
 
 
 @dataclass
@@ -97,7 +97,7 @@ def choose_backend(config: SandboxConfig, run_id: str) -> tuple[SandboxBackend, 
 
 
 def choose_proposer(config: ProposerConfig, archive: Archive | None = None, task: Task | None = None) -> Proposer:
-    """Return the proposer a config asks for; an LLM proposer's ledger continues from the archive's totals."""
+    """Return the proposer that a config selects; an LLM proposer's ledger continues from the archive's totals."""
     kind = config.kind
     if kind == "auto":
         kind = "openai" if (config.base_url or os.environ.get(config.api_key_env)) else "offline"

@@ -1,6 +1,6 @@
 """The small API a task plugin implements.
 
-A task says what function the LLM must write (its interface), which seed
+A task defines the function the LLM must write (its interface), which seed
 programs start the search, how to unit-test a candidate cheaply and how to
 score it with an expensive run. `unit_test`, `prepare` and `evaluate` run
 inside a sandbox worker, never in the engine process.

@@ -32,7 +32,7 @@ class Stage(str, Enum):
 
 
 class JobKind(str, Enum):
-    """What a worker is asked to do."""
+    """Kind of work a worker job performs."""
 
     PREPARE = "prepare"  # build cached model and data; runs trusted code only
     UNIT_TEST = "unit_test"  # static checks again, then the task's unit tests
