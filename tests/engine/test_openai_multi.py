@@ -9,7 +9,8 @@ import pytest
 from engine.archive import Archive
 from engine.budget import BudgetExceeded
 from engine.candidate import Candidate, Origin, Status
-from engine.config import ProposerConfig
+from engine.cli import _overrides_from_args, build_run_parser
+from engine.config import ConfigError, ProposerConfig, config_from_dict
 from engine.loop import Evolution, LoopOptions
 from engine.multi_proposer import (
     ModelSpec,
@@ -152,3 +153,43 @@ def test_resume_replays_outcomes_in_order(tmp_path):
                           options=LoopOptions(generations=0, max_attempts=1, seed=0))
     evolution.replay_outcomes()
     assert proposer.outcomes == [("a", False), ("b", False), ("a", True), ("b", False), ("b", False), ("b", True)]
+
+
+def test_model_config_errors_reported_together():
+    with pytest.raises(ConfigError) as caught:
+        config_from_dict({"proposer": {
+            "models": [{"name": "a", "weight": 0}, {"name": "a", "temperature": 3}, "b", {"name": "c", "colour": 1}],
+            "model_selection": "greedy",
+        }})
+    problems = caught.value.problems
+    assert "proposer.models[0].weight = 0: expected a positive number" in problems
+    assert "proposer.models[1].temperature = 3: expected 0 to 2" in problems
+    assert "proposer.models[2] = 'b': expected a table with a non-empty string \"name\"" in problems
+    assert any(p.startswith("proposer.models[3]: unknown key(s) ['colour']") for p in problems)
+    assert "proposer.models: model(s) ['a'] listed more than once; list each model once" in problems
+    assert "proposer.model_selection = 'greedy': expected weighted or bandit" in problems
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--model", "gpt-4o"], {"model": "gpt-4o"}),
+        (["--model", "a", "--model", "b", "--model-temperature", "b=0.3"],
+         {"models": [{"name": "a", "weight": 1.0}, {"name": "b", "weight": 1.0, "temperature": 0.3}]}),
+        (["--models", "a:0.7,b:0.3", "--model-selection", "bandit"],
+         {"models": [{"name": "a", "weight": 0.7}, {"name": "b", "weight": 0.3}], "model_selection": "bandit"}),
+        (["--model", "solo", "--model-temperature", "solo=0.2"], {"model": "solo", "temperature": 0.2}),
+        (["--top-k", "3", "--no-thoughts"], {"context": "top-k", "top_k": 3, "include_thoughts": False}),
+        (["--max-cost", "2", "--max-tokens", "50000", "--max-completion-tokens", "512"],
+         {"max_cost_usd": 2.0, "max_run_tokens": 50000, "max_tokens": 512}),
+    ],
+)
+def test_model_flags_to_config(argv, expected):
+    overrides = _overrides_from_args(build_run_parser().parse_args(argv))
+    assert overrides == {"proposer": expected}
+
+
+def test_temperature_for_unlisted_model_is_error():
+    args = build_run_parser().parse_args(["--model", "a", "--model-temperature", "z=1.0"])
+    with pytest.raises(ConfigError, match=r"--model-temperature names \['z'\]"):
+        _overrides_from_args(args)
