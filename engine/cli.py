@@ -262,7 +262,7 @@ def configure_logging(run_dir: Path | None, level: str) -> None:
         file_handler.setLevel(getattr(logging, level))
         file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root.addHandler(file_handler)
-    for noisy in ("httpx", "httpcore", "openai", "urllib3", "docker"):
+    for noisy in ("httpx", "httpx2", "httpcore", "openai", "urllib3", "docker"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

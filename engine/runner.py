@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.archive import ARCHIVE_FILE, Archive
-from engine.config import ConfigError, ProposerConfig, RunConfig, SandboxConfig, config_from_dict
+from engine.config import ConfigError, ProposerConfig, RunConfig, SandboxConfig, config_from_dict, merge
 from engine.pipeline import Pipeline, PipelineLimits
 from engine.proposer import Proposer
 from evaluators.registry import get_task
@@ -139,8 +139,8 @@ def open_run(config: RunConfig | None, resume_dir: Path | None, overrides: dict[
             raise RunError(f"cannot resume {resume_dir}: it has no {ARCHIVE_FILE}. Pass a run directory made by evolve.")
         archive = Archive(archive_path)
         stored = archive.get_meta("config")
-        values = dict(stored)
-        values.update(overrides)
+        # flags given with --resume change single values; the rest of each section stays as stored
+        values = merge(dict(stored), overrides)
         config = config_from_dict(values, source=f"{resume_dir}/{ARCHIVE_FILE}")
         run_dir = resume_dir
     else:
