@@ -109,7 +109,10 @@ def run_session(
 
 
 def _seed_programs(task, group: str):
-    seeds = task.seeds(group or "baselines")
+    try:
+        seeds = task.seeds(group or "baselines")
+    except ValueError as error:
+        raise RunError(f"cannot load the seed programs: {error}") from None
     if not seeds:
         raise RunError(f"task {task.name!r} has no seed programs in group {group!r}")
     return seeds
