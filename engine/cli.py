@@ -300,8 +300,20 @@ def available_commands() -> dict[str, str]:
     return {name: text for name, text in SUBCOMMANDS.items() if importlib.util.find_spec(f"engine.commands.{name}")}
 
 
+def _interrupt_on_sigterm() -> None:
+    """Treat SIGTERM and SIGHUP like Ctrl-C, so that running sandbox jobs are killed and the run stays resumable."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"received {signal.Signals(signum).name}")
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, interrupt)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    _interrupt_on_sigterm()
     if argv and argv[0] in SUBCOMMANDS:
         import importlib
 

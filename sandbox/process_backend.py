@@ -138,6 +138,7 @@ class ProcessBackend(SandboxBackend):
         log_path = job_dir / LOG_FILE
 
         def apply_limits() -> None:
+            _die_with_parent()
             memory = limits.memory_mb * 1024 * 1024
             resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
             output = limits.output_mb * 1024 * 1024
@@ -192,6 +193,22 @@ class ProcessBackend(SandboxBackend):
                 log_tail=log_tail,
             )
         return _result_from_exit(job_dir, process.returncode, wall_s, log_tail, limits)
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when the engine dies, even by SIGKILL.
+
+    Without it a killed engine leaves its worker running, and a resumed run
+    would race that orphan for the same job directory.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _kill_group(pid: int) -> None:

@@ -110,3 +110,40 @@ def test_process_exit_without_result_is_failure(tmp_path, toy_task_name):
     assert not result.ok
     assert result.category == "no_result"
     assert "no result file" in result.reason
+
+
+def test_worker_dies_with_engine(tmp_path, toy_task_name):
+    # an "engine" process starts a slow job and is then SIGKILLed; its worker must not outlive it
+    script = f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})
+from pathlib import Path
+from sandbox.backend import Limits
+from sandbox.process_backend import ProcessBackend
+from sandbox.protocol import Job, JobKind
+job = Job(kind=JobKind.EVALUATE, task={toy_task_name!r}, settings={{"sleep_s": 60.0}}, cache_dir={str(tmp_path)!r},
+          code={DPO!r})
+ProcessBackend().run(job, Path({str(tmp_path / 'job')!r}), Limits(timeout_s=120))
+"""
+    import signal
+    import subprocess
+    import sys
+
+    engine = subprocess.Popen([sys.executable, "-c", script])
+    progress = tmp_path / "job" / "progress.jsonl"
+    deadline = time.monotonic() + 60
+    while not progress.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert progress.exists(), "the worker never started training"
+    worker_pids = [pid for pid, _ in children_of(engine.pid)]
+    assert worker_pids
+    engine.send_signal(signal.SIGKILL)
+    engine.wait()
+
+    # the kernel delivers SIGKILL to the orphaned worker; poll until it is gone
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in worker_pids):
+        time.sleep(0.05)
+    alive = [pid for pid in worker_pids if Path(f"/proc/{pid}/stat").exists()
+             and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
+    assert alive == []
