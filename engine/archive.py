@@ -7,7 +7,9 @@ killed at any point (SIGKILL included) keeps everything written before it.
 from __future__ import annotations
 
 import json
+import functools
 import sqlite3
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -92,18 +94,30 @@ _LLM_CALL_COLUMNS = {
 }
 
 
+def _locked(method):
+    """Serialize a method on the archive's lock; concurrent evaluations share one connection."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 class Archive:
-    """Reads and writes one run's SQLite archive."""
+    """Reads and writes one run's SQLite archive; safe to share between threads."""
 
     def __init__(self, path: Path, read_only: bool = False) -> None:
         self.path = Path(path)
+        self._lock = threading.RLock()
         if read_only:
             if not self.path.exists():
                 raise FileNotFoundError(f"no archive at {self.path}: is this a run directory made by `evolve`?")
-            self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30)
+            self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30, check_same_thread=False)
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, timeout=30)
+            self._db = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
@@ -117,11 +131,13 @@ class Archive:
     def open_run(cls, run_dir: Path, read_only: bool = True) -> Archive:
         return cls(Path(run_dir) / ARCHIVE_FILE, read_only=read_only)
 
+    @_locked
     def close(self) -> None:
         self._db.close()
 
     # run metadata
 
+    @_locked
     def set_meta(self, key: str, value: Any) -> None:
         with self._db:
             self._db.execute(
@@ -129,10 +145,12 @@ class Archive:
                 (key, json.dumps(value)),
             )
 
+    @_locked
     def get_meta(self, key: str, default: Any = None) -> Any:
         row = self._db.execute("SELECT value FROM run WHERE key=?", (key,)).fetchone()
         return default if row is None else json.loads(row[0])
 
+    @_locked
     def log_event(self, kind: str, detail: dict[str, Any]) -> None:
         with self._db:
             self._db.execute(
@@ -140,6 +158,7 @@ class Archive:
                 (kind, json.dumps(detail, default=str), time.time()),
             )
 
+    @_locked
     def events(self, kind: str | None = None) -> list[dict[str, Any]]:
         query = "SELECT kind, detail, created_at FROM events"
         rows = self._db.execute(query + (" WHERE kind=?" if kind else "") + " ORDER BY id", (kind,) if kind else ())
@@ -147,6 +166,7 @@ class Archive:
 
     # candidates
 
+    @_locked
     def insert(self, candidate: Candidate) -> Candidate:
         now = time.time()
         candidate.created_at = candidate.updated_at = now
@@ -158,6 +178,7 @@ class Archive:
         candidate.seq = cursor.lastrowid
         return candidate
 
+    @_locked
     def update(self, candidate: Candidate) -> None:
         candidate.updated_at = time.time()
         row = self._row_values(candidate)
@@ -166,10 +187,12 @@ class Archive:
         with self._db:
             self._db.execute(f"UPDATE candidates SET {assignments} WHERE id=?", (*row.values(), candidate.id))
 
+    @_locked
     def get(self, candidate_id: str) -> Candidate | None:
         row = self._db.execute("SELECT * FROM candidates WHERE id=?", (candidate_id,)).fetchone()
         return None if row is None else _candidate_from_row(row)
 
+    @_locked
     def candidates(self, where: str = "", params: tuple = ()) -> list[Candidate]:
         query = "SELECT * FROM candidates" + (f" WHERE {where}" if where else "") + " ORDER BY seq"
         return [_candidate_from_row(row) for row in self._db.execute(query, params)]
@@ -177,14 +200,17 @@ class Archive:
     def iter_proposals(self) -> Iterator[Candidate]:
         yield from self.candidates("origin=?", (Origin.PROPOSER.value,))
 
+    @_locked
     def seeds(self) -> list[Candidate]:
         return self.candidates("origin=?", (Origin.SEED.value,))
 
+    @_locked
     def unfinished(self) -> list[Candidate]:
         finals = tuple(s.value for s in Status if s.is_final)
         marks = ", ".join("?" for _ in finals)
         return self.candidates(f"status NOT IN ({marks})", finals)
 
+    @_locked
     def find_by_fingerprint(self, fingerprint: str, column: str = "fingerprint") -> Candidate | None:
         """Return the earliest judged candidate with this fingerprint, or None."""
         if column not in ("fingerprint", "behaviour_fingerprint") or not fingerprint:
@@ -195,6 +221,7 @@ class Archive:
         ).fetchone()
         return None if row is None else _candidate_from_row(row)
 
+    @_locked
     def count(self) -> int:
         return self._db.execute("SELECT COUNT(*) FROM candidates").fetchone()[0]
 
@@ -203,6 +230,7 @@ class Archive:
 
     # LLM calls
 
+    @_locked
     def record_llm_call(self, **fields: Any) -> None:
         fields.setdefault("created_at", time.time())
         columns = ", ".join(fields)
@@ -210,9 +238,11 @@ class Archive:
         with self._db:
             self._db.execute(f"INSERT INTO llm_calls({columns}) VALUES({marks})", tuple(fields.values()))
 
+    @_locked
     def llm_calls(self) -> list[dict[str, Any]]:
         return [dict(row) for row in self._db.execute("SELECT * FROM llm_calls ORDER BY id")]
 
+    @_locked
     def llm_totals(self) -> dict[str, float]:
         """Return the run's LLM totals; a call with an error produced no candidate."""
         row = self._db.execute(

@@ -72,6 +72,8 @@ def build_run_parser() -> argparse.ArgumentParser:
                      help="override one task setting, e.g. --set beta=0.1 (repeatable)")
     run.add_argument("--generations", type=int, help="generations to run; each yields one judged candidate (default: 10)")
     run.add_argument("--max-attempts", type=int, help="proposals per generation before giving up on it (default: 4)")
+    run.add_argument("--population", type=int, help="candidates evaluated per generation (default: 1, as the study)")
+    run.add_argument("--workers", type=int, help="candidates judged at the same time, one sandbox job each (default: 1)")
     run.add_argument("--seed", type=int, help="random seed of proposer and training (default: 0)")
     run.add_argument("--seeds", dest="seed_group", help="seed programs of the first prompt: baselines or discovered")
     run.add_argument("--time-budget", type=float, metavar="MINUTES",
@@ -158,6 +160,8 @@ def _overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "preset": args.preset,
         "generations": args.generations,
         "max_attempts": args.max_attempts,
+        "population": args.population,
+        "workers": args.workers,
         "seed": args.seed,
         "seed_group": args.seed_group,
         "run_dir": args.run_dir,

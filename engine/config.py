@@ -197,8 +197,10 @@ class RunConfig:
         preset: the task's settings preset.
         settings: overrides of single preset settings, such as {"beta": 0.1}.
         generations: number of generations; each yields one judged candidate.
-        max_attempts: proposals per generation before giving up on it, counting
-            invalid replies that were resampled.
+        max_attempts: proposals per generation and population slot before giving
+            up on the slot, counting invalid replies that were resampled.
+        population: candidates evaluated per generation; the study used 1.
+        workers: candidates judged at the same time, each in its own sandbox job.
         seed_group: which seed programs open the first prompt.
         seed: random seed of the run (proposer and training).
         time_budget_min: start no new generation after this many minutes; 0 means no limit.
@@ -211,6 +213,8 @@ class RunConfig:
     settings: dict[str, Any] = field(default_factory=dict)
     generations: int = 10
     max_attempts: int = 4
+    population: int = 1
+    workers: int = 1
     seed_group: str = "baselines"
     seed: int = 0
     time_budget_min: float = 0.0
@@ -224,6 +228,9 @@ class RunConfig:
         problems = []
         if self.generations < 0:
             problems.append(f"generations = {self.generations}: expected 0 or more")
+        for name in ("population", "workers"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} = {getattr(self, name)}: expected 1 or more")
         if self.max_attempts < 1:
             problems.append(f"max_attempts = {self.max_attempts}: expected 1 or more")
         if self.time_budget_min < 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -54,13 +55,19 @@ def candidate_table(title: str, candidates: list[Candidate]) -> Table:
 
 
 class RichReporter:
-    """Shows stage and step progress for each candidate and a table per generation."""
+    """Shows stage and step progress for each candidate and a table per generation.
+
+    With several candidates judged at once (--workers), the live progress bar
+    is replaced by one line per started and finished candidate.
+    """
 
     def __init__(self, console: Console | None = None) -> None:
         self.console = console or Console()
         self._progress: Progress | None = None
         self._task_id: Any = None
         self._started = 0.0
+        self._lock = threading.RLock()
+        self._active: set[str] = set()
 
     def _stop_progress(self) -> None:
         if self._progress is not None:
@@ -71,6 +78,15 @@ class RichReporter:
         self.console.rule(f"generation {generation} of {total}")
 
     def candidate_started(self, candidate: Candidate) -> None:
+        with self._lock:
+            self._active.add(candidate.id)
+            if len(self._active) > 1:
+                self._stop_progress()
+                self.console.print(f"  {candidate.id} {candidate.name or '(unparsed reply)'} started")
+                return
+            self._start_progress(candidate)
+
+    def _start_progress(self, candidate: Candidate) -> None:
         self._stop_progress()
         self._started = time.monotonic()
         label = f"{candidate.id} {candidate.name or '(unparsed reply)'}"
@@ -86,11 +102,16 @@ class RichReporter:
         self._progress.start()
 
     def stage(self, candidate: Candidate, label: str) -> None:
-        if self._progress is not None:
-            self._progress.update(self._task_id, detail=label, total=None, completed=0)
+        with self._lock:
+            if self._progress is not None and len(self._active) == 1:
+                self._progress.update(self._task_id, detail=label, total=None, completed=0)
 
     def progress(self, candidate: Candidate, event: dict[str, Any]) -> None:
-        if self._progress is None:
+        with self._lock:
+            self._show_progress(event)
+
+    def _show_progress(self, event: dict[str, Any]) -> None:
+        if self._progress is None or len(self._active) != 1:
             return
         total = event.get("total") or None
         self._progress.update(
@@ -98,7 +119,12 @@ class RichReporter:
         )
 
     def candidate_finished(self, candidate: Candidate) -> None:
-        self._stop_progress()
+        with self._lock:
+            self._active.discard(candidate.id)
+            self._stop_progress()
+            self._print_finished(candidate)
+
+    def _print_finished(self, candidate: Candidate) -> None:
         row = candidate_row(candidate)
         detail = f"fitness {row[3]}" if candidate.status is Status.EVALUATED else row[7]
         self.console.print(f"  {candidate.id} [bold]{candidate.name}[/] -> {row[2]} {detail}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -44,6 +45,8 @@ class LoopOptions:
     seed: int
     context: ContextOptions = ContextOptions()
     time_budget_s: float = 0.0  # 0 means no limit
+    population: int = 1  # candidates evaluated per generation
+    workers: int = 1  # candidates judged at the same time
 
 
 def interface_text(task: Task) -> str:
@@ -110,14 +113,35 @@ class Evolution:
 
     def judge_unfinished(self) -> None:
         """Finish every candidate left unfinished by an earlier, interrupted process."""
-        for candidate in self.archive.unfinished():
+        unfinished = self.archive.unfinished()
+        for candidate in unfinished:
             logger.info("resuming candidate %s (%s) from status %s", candidate.id, candidate.name, candidate.status.value)
-            self.reporter.candidate_started(candidate)
+        self.judge_batch(unfinished)
+
+    def judge_batch(self, candidates: list[Candidate]) -> None:
+        """Judge candidates, up to `workers` at once, and store each with its feedback.
+
+        Each evaluation has its own deadline inside the sandbox backend, so a
+        hung candidate is killed at its deadline while the others go on.
+        """
+        if self.options.workers <= 1 or len(candidates) <= 1:
+            for candidate in candidates:
+                self._judge_one(candidate)
+            return
+        with ThreadPoolExecutor(max_workers=self.options.workers, thread_name_prefix="judge") as pool:
+            for future in [pool.submit(self._judge_one, candidate) for candidate in candidates]:
+                future.result()
+
+    def _judge_one(self, candidate: Candidate) -> None:
+        self.reporter.candidate_started(candidate)
+        best_before = self.best_fitness()
+        if not candidate.status.is_final:
             self.pipeline.judge(candidate)
-            if candidate.origin is Origin.PROPOSER:
-                candidate.feedback = feedback_message(candidate)
-                self.archive.update(candidate)
-            self.reporter.candidate_finished(candidate)
+        if candidate.origin is Origin.PROPOSER:
+            candidate.feedback = feedback_message(candidate)
+            self.archive.update(candidate)
+            self.proposer.observe(candidate.model, improves(candidate, best_before))
+        self.reporter.candidate_finished(candidate)
 
     # generations
 
@@ -137,23 +161,26 @@ class Evolution:
             self.reporter.generation_finished(generation, candidates)
 
     def run_generation(self, generation: int) -> list[Candidate]:
-        """Propose until one candidate is evaluated or the attempts are used up."""
+        """Propose and judge until `population` candidates are evaluated or the attempts are used up.
+
+        Each round proposes one candidate per missing evaluation and judges the
+        round together; invalid ones are resampled in the next round with their
+        errors in the context. The attempts per generation are
+        `max_attempts * population`.
+        """
         produced = self.archive.candidates("generation=? AND origin=?", (generation, Origin.PROPOSER.value))
-        if any(c.status is Status.EVALUATED for c in produced):
-            return produced
-        for attempt in range(len(produced) + 1, self.options.max_attempts + 1):
-            candidate = self.propose(generation, attempt)
-            self.reporter.candidate_started(candidate)
-            best_before = self.best_fitness()
-            if candidate.status is Status.PENDING:
-                self.pipeline.judge(candidate)
-            candidate.feedback = feedback_message(candidate)
-            self.archive.update(candidate)
-            self.proposer.observe(candidate.model, improves(candidate, best_before))
-            self.reporter.candidate_finished(candidate)
-            produced.append(candidate)
-            if candidate.status is Status.EVALUATED:
-                break
+        population = self.options.population
+        max_attempts = self.options.max_attempts * population
+        attempts = len(produced)
+        evaluated = sum(1 for c in produced if c.status is Status.EVALUATED)
+        while evaluated < population and attempts < max_attempts:
+            batch = []
+            for _ in range(min(population - evaluated, max_attempts - attempts)):
+                attempts += 1
+                batch.append(self.propose(generation, attempts))
+            self.judge_batch(batch)
+            produced.extend(batch)
+            evaluated += sum(1 for c in batch if c.status is Status.EVALUATED)
         return produced
 
     def history(self) -> list[HistoryEntry]:

@@ -68,6 +68,8 @@ def run_session(
             max_attempts=config.max_attempts,
             seed=config.seed,
             time_budget_s=config.time_budget_min * 60.0,
+            population=config.population,
+            workers=config.workers,
             context=ContextOptions.from_config(config.proposer),
         )
         evolution = Evolution(context.task, context.settings, archive, pipeline, proposer, reporter, options)
