@@ -70,7 +70,7 @@ def build_run_parser() -> argparse.ArgumentParser:
     run.add_argument("--preset", help="settings preset of the task (default: the task's own, cpu for preference)")
     run.add_argument("--set", dest="settings", action="append", type=parse_setting, default=[], metavar="KEY=VALUE",
                      help="override one task setting, e.g. --set beta=0.1 (repeatable)")
-    run.add_argument("--generations", type=int, help="generations to run; each yields one judged candidate (default: 10)")
+    run.add_argument("--generations", type=int, help="generations to run; each evaluates --population candidates (default: 10)")
     run.add_argument("--max-attempts", type=int, help="proposals per generation before giving up on it (default: 4)")
     run.add_argument("--population", type=int, help="candidates evaluated per generation (default: 1, as the study)")
     run.add_argument("--workers", type=int, help="candidates judged at the same time, one sandbox job each (default: 1)")
@@ -148,6 +148,12 @@ def build_run_parser() -> argparse.ArgumentParser:
     sandbox.add_argument("--train-timeout", type=float, metavar="SECONDS",
                          help="wall-clock limit of one fine-tune plus scoring (default: 900)")
     sandbox.add_argument("--gpu", action="store_true", default=None, help="give each evaluation one GPU (docker only)")
+    sandbox.add_argument("--executor", choices=("local", "ray"),
+                         help="where jobs start: local child processes or containers, or one Ray task per job on "
+                              "a Ray cluster, in the node's sandbox (default: local)")
+    sandbox.add_argument("--ray-address", metavar="HOST:PORT",
+                         help="address of the Ray cluster, as `ray start --head` prints it, or auto for the "
+                              "cluster started on this machine; implies --executor ray (default: auto)")
 
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING"),
                         help="level of the run's engine.log (default: INFO)")
@@ -198,6 +204,8 @@ def _overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "unit_test_timeout_s": args.unit_test_timeout,
         "train_timeout_s": args.train_timeout,
         "gpu": args.gpu,
+        "executor": "ray" if args.executor is None and args.ray_address is not None else args.executor,
+        "ray_address": args.ray_address,
     }
     if any(v is not None for v in proposer.values()):
         values["proposer"] = {k: v for k, v in proposer.items() if v is not None}
@@ -277,6 +285,7 @@ def run_command(argv: list[str]) -> int:
     from engine.runner import RunError
     from engine.session import run_session
     from evaluators.registry import UnknownTaskError
+    from sandbox.backend import SandboxUnavailable
 
     try:
         overrides = _overrides_from_args(args)
@@ -294,6 +303,11 @@ def run_command(argv: list[str]) -> int:
         return 2
     except RunError as error:
         console.print(f"[red]error:[/] {error}")
+        return 1
+    except SandboxUnavailable as error:
+        # raised mid-run, for example when a Ray cluster goes away; the running candidates stay unfinished
+        console.print(f"[red]error:[/] the sandbox stopped working: {error}")
+        console.print("The run can continue with `evolve --resume RUN_DIR` once the sandbox works again.")
         return 1
 
 
