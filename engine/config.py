@@ -175,6 +175,11 @@ class SandboxConfig:
         gpu: request one GPU per evaluation (Docker backend only).
         allow_network: run process-backend jobs even when the network cannot be
             isolated; logged as a warning at start.
+        executor: where jobs are started: "local" (child processes or containers
+            of the engine) or "ray" (one Ray task per job on the cluster at
+            `ray_address`, each in the node's `backend` sandbox).
+        ray_address: the Ray cluster's address HOST:PORT, or "auto" for the
+            cluster that `ray start` started on this machine (or RAY_ADDRESS).
     """
 
     backend: str = "auto"
@@ -186,6 +191,8 @@ class SandboxConfig:
     cpus: float = 2.0
     gpu: bool = False
     allow_network: bool = False
+    executor: str = "local"
+    ray_address: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -238,6 +245,10 @@ class RunConfig:
         problems.extend(self.proposer.problems())
         if self.sandbox.backend not in ("auto", "process", "docker"):
             problems.append(f"sandbox.backend = {self.sandbox.backend!r}: expected auto, process or docker")
+        if self.sandbox.executor not in ("local", "ray"):
+            problems.append(f"sandbox.executor = {self.sandbox.executor!r}: expected local or ray")
+        if self.sandbox.executor == "ray" and not self.sandbox.ray_address.strip():
+            problems.append("sandbox.ray_address is empty: expected HOST:PORT of the Ray cluster, or auto")
         for name in ("unit_test_timeout_s", "train_timeout_s", "cpus"):
             if getattr(self.sandbox, name) <= 0:
                 problems.append(f"sandbox.{name} = {getattr(self.sandbox, name)}: expected a positive number")

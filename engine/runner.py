@@ -19,7 +19,7 @@ from engine.pipeline import Pipeline, PipelineLimits
 from engine.proposer import Proposer
 from evaluators.registry import get_task
 from evaluators.task import Task
-from sandbox.backend import Limits, SandboxBackend, SandboxUnavailable
+from sandbox.backend import BackendKind, Limits, SandboxBackend, SandboxUnavailable
 from sandbox.process_backend import ProcessBackend, read_log_tail
 from sandbox.protocol import LOG_FILE, PROGRESS_FILE, RESULT_FILE, Job, JobKind, ProgressTail
 
@@ -72,6 +72,8 @@ def resolve_settings(task: Task, preset: str, overrides: dict[str, Any]) -> Any:
 
 def choose_backend(config: SandboxConfig, run_id: str) -> tuple[SandboxBackend, str]:
     """Return the sandbox backend to use and a sentence saying why."""
+    if config.executor == "ray":
+        return choose_ray_backend(config, run_id)
     if config.backend in ("docker", "auto"):
         try:
             from sandbox.docker_backend import DockerBackend
@@ -94,6 +96,21 @@ def choose_backend(config: SandboxConfig, run_id: str) -> tuple[SandboxBackend, 
         return ProcessBackend(require_network_isolation=not config.allow_network), reason
     except SandboxUnavailable as error:
         raise RunError(str(error)) from None
+
+
+def choose_ray_backend(config: SandboxConfig, run_id: str) -> tuple[SandboxBackend, str]:
+    """Return a backend that runs each job as a Ray task, in the sandbox that a probed node provides."""
+    try:
+        from sandbox.ray_backend import RayBackend
+    except ImportError as error:
+        raise RunError(f"--executor ray needs the ray package ({error}); install it with pip install 'evolve[ray]'") from None
+    inner = None if config.backend == "auto" else BackendKind(config.backend)
+    try:
+        backend = RayBackend(inner, config.ray_address, run_id=run_id, image=config.image,
+                             allow_network=config.allow_network, gpu=config.gpu)
+    except SandboxUnavailable as error:
+        raise RunError(str(error)) from None
+    return backend, f"ray: one Ray task per job on the cluster at {backend.address}, in the node's {backend.kind.value} sandbox"
 
 
 def choose_proposer(config: ProposerConfig, archive: Archive | None = None, task: Task | None = None) -> Proposer:
