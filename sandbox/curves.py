@@ -9,9 +9,11 @@ parameter set to r and every other parameter set to 0, as a batch of one pair,
 and takes the gradient with autograd. For a preference loss that is f(rho)
 and df/drho at rho = r, as in Figure 6 of the DiscoPOP study (Lu et al. 2024).
 
-`compute_curves` is the engine side: it runs the child with the process
-backend's isolation (scrubbed environment, `unshare -rn`, rlimits, a deadline
-and a process-group kill), because candidate code never runs in the engine.
+`compute_curves` is the engine side. It starts the child through
+`run_isolated_job`, which gives it the process backend's isolation (scrubbed
+environment, `unshare -rn`, rlimits, a deadline and a process-group kill),
+because candidate code never runs in the engine. The analysis job of
+`evolve analyze` (sandbox/analysis.py) starts its child the same way.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ class Curve:
 
 
 class CurvesFailed(RuntimeError):
-    """Raised when the child process did not produce a curves file."""
+    """Raised when a sandboxed child (the curves job or the analysis job) did not produce its result file."""
 
 
 # engine side
@@ -66,22 +68,47 @@ def compute_curves(
     Raises SandboxUnavailable when the network cannot be isolated and
     `allow_network` is false, and CurvesFailed when the child crashed or timed out.
     """
+    job = {"programs": programs, "params": list(params), "hyperparameters": hyperparameters, "grid": grid}
+    payload = run_isolated_job(
+        "sandbox.curves", "curves", job, JOB_FILE, RESULT_FILE, job_dir, timeout_s, memory_mb, allow_network
+    )
+    return {key: Curve(**value) for key, value in payload.items()}
+
+
+def run_isolated_job(
+    module: str,
+    label: str,
+    job: dict[str, Any],
+    job_file: str,
+    result_file: str,
+    job_dir: Path,
+    timeout_s: float,
+    memory_mb: int,
+    allow_network: bool,
+) -> Any:
+    """Write `job` to JOB_DIR/job_file, run `python -m module JOB_DIR` isolated, and return the parsed result file.
+
+    The child gets the process backend's isolation: a scrubbed environment,
+    `unshare -rn`, rlimits, a deadline and a process-group kill.
+
+    Raises SandboxUnavailable when the network cannot be isolated and
+    `allow_network` is false, and CurvesFailed when the child crashed or timed out.
+    """
     from sandbox.backend import SandboxUnavailable
     from sandbox.process_backend import build_environment, network_isolation_available, read_log_tail
 
     isolated = network_isolation_available()
     if not isolated and not allow_network:
         raise SandboxUnavailable(
-            "cannot isolate the network for the curves job: `unshare -rn true` failed. Enable unprivileged "
+            f"cannot isolate the network for the {label} job: `unshare -rn true` failed. Enable unprivileged "
             "user namespaces, or run on a machine where the process sandbox works."
         )
     job_dir.mkdir(parents=True, exist_ok=True)
-    (job_dir / RESULT_FILE).unlink(missing_ok=True)
-    job = {"programs": programs, "params": list(params), "hyperparameters": hyperparameters, "grid": grid}
-    write_json_atomic(job_dir / JOB_FILE, job)
+    (job_dir / result_file).unlink(missing_ok=True)
+    write_json_atomic(job_dir / job_file, job)
     home = job_dir / "home"
     home.mkdir(exist_ok=True)
-    command = [sys.executable, "-m", "sandbox.curves", str(job_dir)]
+    command = [sys.executable, "-m", module, str(job_dir)]
     if isolated:
         command = [shutil.which("unshare") or "unshare", "-rn", *command]
 
@@ -113,14 +140,13 @@ def compute_curves(
 
     tail = read_log_tail(job_dir / LOG_FILE, 1500)
     if timed_out:
-        raise CurvesFailed(f"the curves job timed out after {timeout_s:.0f} s and was killed; log tail:\n{tail}")
-    result_path = job_dir / RESULT_FILE
+        raise CurvesFailed(f"the {label} job timed out after {timeout_s:.0f} s and was killed; log tail:\n{tail}")
+    result_path = job_dir / result_file
     if process.returncode != 0 or not result_path.exists():
         raise CurvesFailed(
-            f"the curves job exited with status {process.returncode} and wrote no result; log tail:\n{tail}"
+            f"the {label} job exited with status {process.returncode} and wrote no result; log tail:\n{tail}"
         )
-    payload = json.loads(result_path.read_text())
-    return {key: Curve(**value) for key, value in payload.items()}
+    return json.loads(result_path.read_text())
 
 
 def _kill_group(pid: int) -> None:
@@ -133,8 +159,10 @@ def _kill_group(pid: int) -> None:
 # child side
 
 
-def evaluate_program(code: str, params: tuple[str, ...], hyperparameters: dict[str, float], grid: list[float]) -> Curve:
-    """Check, load and evaluate one program; a failure becomes `Curve.error`."""
+def evaluate_program(
+    code: str, params: tuple[str, ...], hyperparameters: dict[str, float], grid: list[float], dtype: str = "float32"
+) -> Curve:
+    """Check, load and evaluate one program, one pair per grid value, in `dtype`; a failure becomes `Curve.error`."""
     import torch
 
     from sandbox.loader import load_candidate
@@ -148,9 +176,10 @@ def evaluate_program(code: str, params: tuple[str, ...], hyperparameters: dict[s
 
     losses: list[float] = []
     grads: list[float] = []
-    zero = torch.zeros(1)
+    torch_dtype = getattr(torch, dtype)
+    zero = torch.zeros(1, dtype=torch_dtype)
     for value in grid:
-        margin = torch.tensor([value], requires_grad=True)  # (1,): one pair
+        margin = torch.tensor([value], dtype=torch_dtype, requires_grad=True)  # (1,): one pair
         try:
             out = function(margin, *[zero.clone() for _ in params[1:]])
             if not isinstance(out, torch.Tensor) or out.numel() != 1:
