@@ -67,10 +67,13 @@ class PreferenceTask(Task):
         """Return a group of programs from seeds/preference/: "baselines" (the study's four) or "discovered"."""
         from seeds import load_seed_programs
 
-        return [SeedProgram(name=seed.name, thought=seed.thought, code=seed.code) for seed in load_seed_programs(self.name, group)]
+        sources = load_seed_programs(self.name, group)
+        return [SeedProgram(name=seed.name, thought=seed.thought, code=seed.code) for seed in sources]
 
     def prepare(self, settings: PreferenceSettings, cache_dir: Path, progress: ProgressFn) -> None:
         """Cache the model as safetensors, then the preference pairs and the reference model's held-out reward."""
+        import torch
+
         from evaluators.preference.data import build_preference_data, data_cache_path, save_preference_data
         from evaluators.preference.model import build_model_cache, load_model
 
@@ -80,8 +83,6 @@ class PreferenceTask(Task):
         data_path = data_cache_path(settings, cache_dir)
         if not data_path.is_file():
             progress(1, 2, "building preference pairs")
-            import torch
-
             model, tokenizer = load_model(settings.model, cache_dir)
             # sample on the device that evaluate() trains on, so the reference
             # draw and the policy draws use the same random number generator

@@ -1,10 +1,12 @@
 """Prompts, preference pairs and the held-out reference score, built once and cached.
 
 The task is positive-sentiment continuation of movie-review openings, the
-IMDb task of the DPO paper (Rafailov et al. 2023, section 6.1) at CPU scale.
-Prompts are plain text that the model continues, with no chat template: the
-instruct model then writes review prose whose sentiment varies widely, while
-a chat-formatted request mostly yields assistant boilerplate.
+IMDb sentiment experiment of the DPO paper (Rafailov et al. 2023, section 6
+and appendix C.1) at CPU scale. Prompts are plain text that the model
+continues, with no chat template. The instruct model then writes review
+prose whose VADER score spreads widely (standard deviation 0.46 over 48
+samples), while a chat-formatted request often drifts into assistant replies
+such as rewrites or stories and makes prompts about 4 times longer.
 """
 
 from __future__ import annotations

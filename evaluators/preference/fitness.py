@@ -61,9 +61,10 @@ def kl_per_sample(policy, reference, samples: HeldoutSamples, *, pad_token_id: i
     """Estimate KL(policy || reference) from the policy's own samples, shape (N,).
 
     For y sampled from the policy, log pi(y|x) - log pi_ref(y|x) is an
-    unbiased single-sample estimate of the sequence-level KL divergence
-    (the estimator `k1` of Schulman 2020, "Approximating KL Divergence").
-    One sample can be negative; the mean over samples is the estimate.
+    unbiased single-sample Monte Carlo estimate of the sequence-level KL
+    divergence, because KL is the expectation of that log-ratio under pi. A
+    single value can be negative, and the mean over samples is the estimate.
+    The samples come from pi only at temperature 1 with top_k 0.
     """
     policy_logps = completion_logps(
         policy, samples.prompt_ids, samples.completion_ids, pad_token_id=pad_token_id, batch_size=batch_size
