@@ -78,6 +78,9 @@ def build_run_parser() -> argparse.ArgumentParser:
     run.add_argument("--seeds", dest="seed_group", help="seed programs of the first prompt: baselines or discovered")
     run.add_argument("--time-budget", type=float, metavar="MINUTES",
                      help="start no new generation after this many minutes (default: no limit)")
+    run.add_argument("--dry-run", action="store_true",
+                     help="print the resolved plan (task settings, study hyperparameters, estimated time) and exit "
+                          "without loading models or data")
     run.add_argument("--config", type=Path, help="TOML file with run settings; flags override it")
     run.add_argument("--run-dir", help="directory for the archive and job folders (default: runs/<task>-<time>)")
     run.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run where it stopped")
@@ -294,6 +297,8 @@ def run_command(argv: list[str]) -> int:
         values = load_config_file(args.config) if args.config else {}
         values = merge(values, overrides)
         config = config_from_dict(values, source=str(args.config) if args.config else "command line")
+        if args.dry_run:
+            return dry_run(config)
         return run_session(config, None, {}, args.log_level, console)
     except ConfigError as error:
         console.print(f"[red]error:[/] {error}")
@@ -309,6 +314,31 @@ def run_command(argv: list[str]) -> int:
         console.print(f"[red]error:[/] the sandbox stopped working: {error}")
         console.print("The run can continue with `evolve --resume RUN_DIR` once the sandbox works again.")
         return 1
+
+
+def dry_run(config) -> int:
+    """Print what a run would do, loading no model or data; the study presets print their full plan."""
+    import json
+
+    from engine.runner import resolve_settings
+    from evaluators.registry import get_task
+
+    if config.task == "preference":
+        from evaluators.preference.study import STUDY_PRESETS
+
+        if config.preset in STUDY_PRESETS:
+            from evaluators.preference import study
+
+            sets = [f"{key}={json.dumps(value)}" for key, value in config.settings.items()]
+            return study.main(["--dry-run", "--preset", config.preset, *[f"--set={item}" for item in sets]])
+    task = get_task(config.task)
+    settings = resolve_settings(task, config.preset, config.settings)
+    console.print(f"task {task.name}, preset {config.preset or task.default_preset}")
+    for key, value in task.settings_to_dict(settings).items():
+        console.print(f"  {key} = {value!r}")
+    console.print(f"generations {config.generations}, population {config.population}, workers {config.workers}, "
+                  f"sandbox {config.sandbox.backend}, proposer {config.proposer.kind}")
+    return 0
 
 
 def available_commands() -> dict[str, str]:
