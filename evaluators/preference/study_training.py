@@ -90,6 +90,7 @@ def study_dpo_config(settings: StudySettings, output_dir: Path, seed: int, world
         activation_checkpointing_kwargs={"use_reentrant": False},
         deepspeed=zero3_config() if zero3_active(settings, world_size) else None,
         precompute_ref_log_probs=False,
+        ddp_find_unused_parameters=False,  # every parameter is trained, so DDP need not search for unused ones
         eval_strategy="no",
         logging_steps=1,
         save_strategy="no",
@@ -196,6 +197,36 @@ def candidate_code(work_dir: Path) -> str:
     return Job.read(job_dir).code
 
 
+# ioctl requests and the interface flag of Linux's <linux/sockios.h> and <net/if.h>
+_SIOCGIFFLAGS, _SIOCSIFFLAGS, _IFF_UP = 0x8913, 0x8914, 0x1
+
+
+def ensure_loopback_up() -> None:
+    """Bring the loopback interface up if it is down, so that the training processes can meet on 127.0.0.1.
+
+    The process sandbox runs jobs in a new network namespace (`unshare -rn`)
+    whose loopback starts down. torch.distributed then retries a rendezvous
+    that cannot happen until its store times out (900 s with torch 2.13). The job is root in that namespace,
+    so it may bring the loopback up, which opens no route out of the namespace.
+    """
+    import fcntl
+    import struct
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        request = struct.pack("16sH22x", b"lo", 0)  # struct ifreq: name, flags, padding to 40 bytes
+        flags = struct.unpack("16sH22x", fcntl.ioctl(probe, _SIOCGIFFLAGS, request))[1]
+        if flags & _IFF_UP:
+            return
+        try:
+            fcntl.ioctl(probe, _SIOCSIFFLAGS, struct.pack("16sH22x", b"lo", flags | _IFF_UP))
+        except PermissionError as error:
+            raise RuntimeError(
+                "the loopback interface is down and this process may not bring it up, so the training processes "
+                f"cannot meet on 127.0.0.1 ({error}); run the job with a loopback interface, or set gpus=1"
+            ) from error
+    logger.info("brought the loopback interface up for the training processes")
+
+
 def _unused_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -206,6 +237,7 @@ def launch_command(spec_path: Path, world_size: int, bf16: bool) -> list[str]:
     """Return the `accelerate launch` command that trains on `world_size` GPUs of this machine."""
     return [
         sys.executable, "-m", "accelerate.commands.launch",
+        "--multi_gpu",  # torch.distributed processes; without CUDA they fall back to the gloo backend on the CPU
         "--num_processes", str(world_size),
         "--num_machines", "1",
         "--mixed_precision", "bf16" if bf16 else "no",
@@ -231,6 +263,7 @@ def launch_training(code: str, settings: StudySettings, cache_dir: Path, work_di
         "seed": seed,
         "progress_file": str(progress_file) if progress_file else "",
     }
+    ensure_loopback_up()
     spec_path = Path(work_dir) / SPEC_FILE
     spec_path.write_text(json.dumps(spec), encoding="utf-8")
     for stale in (Path(work_dir) / RESULT_FILE, *Path(work_dir).glob("study_rejected.rank*.json")):

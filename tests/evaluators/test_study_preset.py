@@ -22,6 +22,7 @@ from evaluators.preference.study import (
 )
 from evaluators.preference.study_sources import SourceUnavailable, load_pairs, prepare_study
 from evaluators.preference.study_training import launch_command, train_study_policy, zero3_active
+from sandbox.process_backend import network_isolation_available
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -278,7 +279,7 @@ def test_load_pairs_names_missing_columns(tmp_path):
 
 def test_launch_command_starts_one_process_per_gpu(tmp_path):
     command = launch_command(tmp_path / "spec.json", 8, bf16=True)
-    assert command[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
+    assert command[:4] == [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu"]
     assert command[command.index("--num_processes") + 1] == "8"
     assert command[command.index("--mixed_precision") + 1] == "bf16"
     assert command[-3:] == ["--module", "evaluators.preference.study_training", str(tmp_path / "spec.json")]
@@ -343,3 +344,73 @@ def test_training_on_cpu_changes_policy(preference_tiny_cache, pairs_file, tmp_p
     ]
     assert changed, "no parameter of the policy changed"
     assert all(p.requires_grad for p in policy.parameters())  # full-parameter training
+
+
+# Trains with `accelerate launch` on 2 CPU processes (the gloo backend) in a new network namespace whose
+# loopback starts down, as in the process sandbox; then once more with a loss that is NaN everywhere.
+_LAUNCH = """
+import json, sys
+from pathlib import Path
+from evaluators.preference.study import study_settings
+from evaluators.preference.study_training import launch_training
+from evaluators.task import CandidateRejected
+settings = study_settings("zephyr-7b-gemma", json.loads(sys.argv[1]))
+cache_dir, work_dir = Path(sys.argv[2]), Path(sys.argv[3])
+outcome = {}
+result = launch_training(Path(sys.argv[4]).read_text(), settings, cache_dir, work_dir / "good", 0, 2)
+outcome["good"] = {"world_size": result.world_size, "steps": result.steps, "losses": result.loss_curve}
+try:
+    launch_training(sys.argv[5], settings, cache_dir, work_dir / "nan", 0, 2)
+    outcome["nan"] = "trained"
+except CandidateRejected as rejection:
+    outcome["nan"] = {"category": rejection.category, "reason": rejection.reason}
+print(json.dumps(outcome))
+"""
+
+NAN_LOSS = """import torch
+
+
+def nan_loss(self, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps):
+    return torch.log(policy_chosen_logps - policy_chosen_logps - 1.0)
+"""
+
+
+@pytest.mark.skipif(not network_isolation_available(), reason="unshare -rn is not permitted here")
+def test_launch_trains_across_processes(preference_tiny_cache, pairs_file, tmp_path):
+    from evaluators.preference.model import model_cache_path
+    from seeds import SEEDS_DIR
+
+    overrides = {
+        "model": str(model_cache_path("gguf:smollm2-135m", preference_tiny_cache)),
+        "dataset": str(pairs_file),
+        "eval_split": "",
+        "num_train_epochs": 1,
+        "per_device_batch_size": 1,
+        "gradient_accumulation_steps": 1,
+        "warmup_ratio": 0.0,
+        "learning_rate": 1e-4,
+        "max_length": 64,
+        "gradient_checkpointing": False,
+        "deepspeed": "none",
+        "bf16": False,
+    }
+    cache_dir = tmp_path / "cache"
+    prepare_study(study_settings("zephyr-7b-gemma", overrides), cache_dir, lambda step, total, message: None)
+    for name in ("good", "nan"):
+        (tmp_path / "work" / name).mkdir(parents=True)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    command = ["unshare", "-rn", sys.executable, "-c", _LAUNCH, json.dumps(overrides), str(cache_dir),
+               str(tmp_path / "work"), str(SEEDS_DIR / "preference" / "dpo.py"), NAN_LOSS]
+    completed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    outcome = json.loads(completed.stdout.strip().splitlines()[-1])
+
+    # 4 pairs, 1 per process and step, 2 processes: 2 steps
+    assert outcome["good"]["world_size"] == 2
+    assert outcome["good"]["steps"] == 2
+    assert outcome["good"]["losses"][0] == pytest.approx(math.log(2), abs=1e-4)
+    policy = tmp_path / "work" / "good" / "policy"
+    assert (policy / "model.safetensors").is_file()
+    assert (policy / "tokenizer_config.json").is_file()
+    assert outcome["nan"]["category"] == "nan"
+    assert "non-finite" in outcome["nan"]["reason"]
