@@ -118,6 +118,7 @@ def main(argv: list[str]) -> int:
     from evaluators.preference.judge import JudgeUnavailable
     from evaluators.registry import UnknownTaskError
 
+    spec = None
     try:
         run = _read_run(args)
         spec = build_evaluation(args, run)
@@ -137,6 +138,9 @@ def main(argv: list[str]) -> int:
     except JudgeUnavailable as error:
         detail["heldout_status"] = Status.FAILED.value
         detail["heldout_reason"] = str(error)
+    finally:
+        if spec is not None and spec.judge is not None and spec.judge.cache is not None:
+            spec.judge.cache.close()
 
     writer = Archive.open_run(args.run_dir, read_only=False)
     try:

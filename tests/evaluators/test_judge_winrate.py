@@ -142,3 +142,39 @@ def test_missing_reference_answer_rejected():
     with FakeJudgeServer(prefer_marked) as server:
         with pytest.raises(ValueError, match=r"question\(s\) \[2\] lack a policy or a reference answer"):
             compare_answers(qs, [Answer(1, ("a",)), Answer(2, ("b",))], [Answer(1, ("c",))], make_judge(server))
+
+
+def test_smollm_answers_compared_end_to_end(preference_tiny_cache, tmp_path):
+    """SmolLM2-135M stands in for both models: answers sampled with two seeds, judged by answer length."""
+    import torch
+
+    from evaluators.preference.model import load_model
+    from evaluators.preference.mtbench import generate_answers, load_questions
+
+    torch.set_num_threads(1)
+    model, tokenizer = load_model("gguf:smollm2-135m", preference_tiny_cache)
+    qs = [q for q in load_questions() if q.category in ("writing", "roleplay")]  # sampled at temperature 0.7
+    policy = generate_answers(model, tokenizer, qs, max_new_tokens=6, batch_size=4, seed=0)
+    reference = generate_answers(model, tokenizer, qs, max_new_tokens=6, batch_size=4, seed=1)
+
+    def longer_wins(messages):
+        first, second = shown_answers(messages)
+        if len(first) == len(second):
+            return Reply("[[C]]")
+        return Reply("[[A]]" if len(first) > len(second) else "[[B]]")
+
+    with FakeJudgeServer(longer_wins) as server:
+        result = compare_answers(qs, policy, reference, make_judge(server, tmp_path), seed=0)
+        again = compare_answers(qs, policy, reference, make_judge(server, tmp_path), seed=0)
+        served = len(server.requests)
+    expected = [
+        1.0 if len(p.turns[0]) > len(r.turns[0]) else 0.0 if len(p.turns[0]) < len(r.turns[0]) else 0.5
+        for p, r in zip(policy, reference)
+    ]
+    assert result.compared == len(qs)
+    assert result.win_rate == pytest.approx(sum(expected) / len(expected))
+    assert result.win_rate_se is not None
+    assert result.lc_win_rate is not None
+    assert served == len(qs)
+    assert again.requests == 0
+    assert again.win_rate == result.win_rate
