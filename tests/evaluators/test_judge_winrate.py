@@ -145,7 +145,7 @@ def test_missing_reference_answer_rejected():
 
 
 def test_smollm_answers_compared_end_to_end(preference_tiny_cache, tmp_path):
-    """SmolLM2-135M stands in for both models: answers sampled with two seeds, judged by answer length."""
+    """SmolLM2-135M plays both models, with answers sampled under two seeds and judged by their length."""
     import torch
 
     from evaluators.preference.model import load_model
@@ -167,10 +167,10 @@ def test_smollm_answers_compared_end_to_end(preference_tiny_cache, tmp_path):
         result = compare_answers(qs, policy, reference, make_judge(server, tmp_path), seed=0)
         again = compare_answers(qs, policy, reference, make_judge(server, tmp_path), seed=0)
         served = len(server.requests)
-    expected = [
-        1.0 if len(p.turns[0]) > len(r.turns[0]) else 0.0 if len(p.turns[0]) < len(r.turns[0]) else 0.5
-        for p, r in zip(policy, reference)
-    ]
+    expected = []
+    for mine, theirs in zip(policy, reference):
+        difference = len(mine.turns[0]) - len(theirs.turns[0])
+        expected.append(0.5 if difference == 0 else float(difference > 0))
     assert result.compared == len(qs)
     assert result.win_rate == pytest.approx(sum(expected) / len(expected))
     assert result.win_rate_se is not None
