@@ -131,9 +131,13 @@ def choose_proposer(config: ProposerConfig, archive: Archive | None = None, task
     if grammar is None:
         grammar = PreferenceLossGrammar()
         if task is not None and tuple(task.interface.params) != tuple(grammar.params):
-            raise RunError(
-                f"the offline proposer has no building blocks for task {task.name!r} (its candidates take "
-                f"{', '.join(task.interface.params)}); implement Task.loss_grammar() or use --proposer openai"
+            # NOTE: the run still evaluates the task's seeds, but every offline proposal is rejected
+            # at the static stage because it has the preference interface.
+            logger.warning(
+                "the offline proposer has no building blocks for task %r (its candidates take %s), so its "
+                "proposals will be rejected; implement Task.loss_grammar() or use --proposer openai",
+                task.name,
+                ", ".join(task.interface.params),
             )
     return OfflineProposer(grammar=grammar)
 
