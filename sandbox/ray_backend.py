@@ -165,9 +165,9 @@ class RayBackend(SandboxBackend):
                         ok=False,
                         stage=Stage.SANDBOX,
                         category="executor_crash",
-                        reason=f"the Ray worker running this job died {attempts} time(s) ({lost}); the candidate "
-                        "was not at fault as far as the sandbox could tell. Check the cluster's nodes "
-                        "(`ray status`) and judge it again with `evolve rerun`.",
+                        reason=f"the Ray worker running this job died {attempts} time(s), last with: {lost}. "
+                        "The sandbox reported no fault of the candidate. Check the cluster's nodes (`ray status`), "
+                        "then judge the candidate again with `evolve rerun`.",
                     )
                 logger.warning("candidate %s: %s job lost on the Ray cluster (%s); submitting it again (retry %d of %d)",
                                job.candidate_id, job.kind.value, lost, attempt, self.retries)
