@@ -1,0 +1,1 @@
+"""Benchmark scripts; each prints a Markdown section for docs/benchmarks.md."""
