@@ -145,6 +145,17 @@ def test_down_endpoint_trips_circuit_breaker():
     assert len(waits) == 3
 
 
+def test_endpoint_closed_after_a_reply_is_down_on_kept_alive_connection():
+    """A client's kept-alive connection must not outlive the server: the next call finds the port closed."""
+    with FakeOpenAIServer([Reply(GOOD)]) as server:
+        proposer = make_proposer(server.base_url, [], circuit_breaker=2, max_retries=5)
+        assert proposer.propose(REQUEST).text == GOOD
+    with pytest.raises(ProposerUnavailable) as caught:
+        proposer.propose(REQUEST)
+    assert "Connection refused" in str(caught.value)
+    assert "script is used up" not in str(caught.value)
+
+
 def test_rate_limits_do_not_trip_breaker():
     with FakeOpenAIServer([Fault(429)] * 5 + [Reply(GOOD)]) as server:
         reply = make_proposer(server.base_url, [], circuit_breaker=2, max_retries=6).propose(REQUEST)

@@ -132,6 +132,8 @@ class FakeOpenAIServer:
         self._lock = threading.Lock()
         self._arrived = threading.Condition(self._lock)
         self._closing = threading.Event()
+        # open client connections; a closed server must not keep answering on a kept-alive one
+        self._connections: set[socket.socket] = set()
         self.requests: list[LoggedRequest] = []
         self._http = ThreadingHTTPServer(("127.0.0.1", port), self._handler_class())
         self._http.daemon_threads = True
@@ -171,6 +173,13 @@ class FakeOpenAIServer:
         self._closing.set()
         self._http.shutdown()
         self._http.server_close()
+        with self._lock:
+            connections = list(self._connections)
+        for connection in connections:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # the client closed it already
         self._thread.join(timeout=5)
 
     def wait_for_requests(self, count: int, timeout_s: float = 30.0) -> bool:
@@ -219,6 +228,16 @@ class FakeOpenAIServer:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
+            def setup(self) -> None:
+                super().setup()
+                with server._lock:
+                    server._connections.add(self.connection)
+
+            def finish(self) -> None:
+                with server._lock:
+                    server._connections.discard(self.connection)
+                super().finish()
+
             def do_GET(self) -> None:
                 if self.path.rstrip("/").endswith("/models"):
                     self._send_json(200, {"object": "list", "data": [{"id": "fake-model", "object": "model"}]})
@@ -226,6 +245,9 @@ class FakeOpenAIServer:
                     self._send_json(404, _error_body(f"no route {self.path}"))
 
             def do_POST(self) -> None:
+                if server._closing.is_set():
+                    self.close_connection = True
+                    return
                 length = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(length)
                 if not self.path.rstrip("/").endswith("/chat/completions"):
