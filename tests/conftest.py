@@ -20,15 +20,23 @@ def toy_task_name() -> str:
     return TOY_TASK
 
 
+# marker -> environment variable that CI sets to 1 so that a skipped test of that group fails the run
+REQUIRED_GROUPS = {"docker": "EVOLVE_REQUIRE_DOCKER", "ray": "EVOLVE_REQUIRE_RAY"}
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
-    """Turn a skipped Docker test into a failure when EVOLVE_REQUIRE_DOCKER=1 (set by CI)."""
+    """Turn a skipped Docker or Ray test into a failure when CI requires that group to run."""
     outcome = yield
     report = outcome.get_result()
-    if report.skipped and item.get_closest_marker("docker") and os.environ.get("EVOLVE_REQUIRE_DOCKER") == "1":
-        report.outcome = "failed"
-        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
-        report.longrepr = f"Docker test skipped but EVOLVE_REQUIRE_DOCKER=1 requires it to run: {reason}"
+    if not report.skipped:
+        return
+    for marker, variable in REQUIRED_GROUPS.items():
+        if item.get_closest_marker(marker) and os.environ.get(variable) == "1":
+            report.outcome = "failed"
+            reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+            report.longrepr = f"{marker} test skipped but {variable}=1 requires it to run: {reason}"
+            return
 
 
 @pytest.fixture(scope="session")

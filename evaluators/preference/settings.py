@@ -30,6 +30,11 @@ class PreferenceSettings:
             `freeze_embeddings` is set, stay at the reference weights.
         freeze_embeddings: keep the input embeddings fixed. SmolLM2 ties them to
             the output head, so this freezes the head too.
+        gradient_checkpointing: recompute activations in the backward pass
+            instead of keeping them, which saves memory on long sequences and
+            large models at the price of about one more forward pass per step.
+            TRL's DPOConfig turns it on by default; the CPU presets turn it
+            off, since their 36-token sequences need little activation memory.
         max_prompt_length: prompt tokens kept, from the end of the prompt.
         max_completion_length: tokens sampled per completion, for the training
             pairs and for the held-out evaluation.
@@ -65,6 +70,7 @@ class PreferenceSettings:
     max_grad_norm: float = 1.0
     trainable_layers: int = 10
     freeze_embeddings: bool = True
+    gradient_checkpointing: bool = False
     max_prompt_length: int = 16
     max_completion_length: int = 24
     num_train_prompts: int = 112
@@ -107,6 +113,10 @@ class PreferenceSettings:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not value > 0:
                 errors.append(f"{name}={value!r} is invalid; expected a number > 0")
+        for name in ("freeze_embeddings", "gradient_checkpointing"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                errors.append(f"{name}={value!r} is invalid; expected true or false")
         if not isinstance(self.kl_penalty, (int, float)) or self.kl_penalty < 0:
             errors.append(f"kl_penalty={self.kl_penalty!r} is invalid; expected a number >= 0")
         if errors:

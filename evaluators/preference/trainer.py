@@ -213,6 +213,8 @@ def dpo_config(settings: PreferenceSettings, output_dir: Path, seed: int) -> DPO
         per_device_train_batch_size=settings.batch_size,
         gradient_accumulation_steps=settings.gradient_accumulation_steps,
         max_grad_norm=settings.max_grad_norm,
+        # transformers 5 calls gradient checkpointing "activation checkpointing"
+        activation_checkpointing=settings.gradient_checkpointing,
         max_length=None,  # prompts and completions are already cut to their limits
         precompute_ref_log_probs=False,
         logging_steps=1,
