@@ -29,9 +29,19 @@ OpenAIProposer(config).propose(request)
 """
 
 
+def default_sigint() -> None:
+    """Give the child SIGINT's default disposition, as a program started from a terminal has.
+
+    A test run started in the background by a non-interactive shell (`cmd &`)
+    inherits SIGINT as ignored, and Python then installs no KeyboardInterrupt
+    handler; the child must not depend on how pytest itself was started.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_child(base_url: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, "-c", CHILD, base_url], cwd=ROOT, env=env,
+    return subprocess.Popen([sys.executable, "-c", CHILD, base_url], cwd=ROOT, env=env, preexec_fn=default_sigint,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -62,6 +72,7 @@ def interrupt(child: subprocess.Popen) -> tuple[float, str]:
     finally:
         if child.poll() is None:
             child.kill()
+            child.wait()  # reap it, so no zombie outlives the test
     return time.monotonic() - sent, rest
 
 
