@@ -1,6 +1,6 @@
 """Fine-tune cost of the preference task's trainer against stock TRL DPOTrainer runs.
 
-All runs train the same cached model (its top layers, as the preset says) on
+All runs train the same cached model (its top layers, as the preset sets) on
 the same cached, tokenized pairs for the same steps, learning rate, batch,
 beta, clipping and seed, with DPO's loss (Rafailov et al. 2023, eq. 7):
 
@@ -51,7 +51,7 @@ LABELS = {
 
 
 def train_once(trainer_kind: str, preset: str, cache_dir: Path, threads: int, seed: int, score: bool) -> dict:
-    """Train once with one trainer in this process; return timings, losses, peak RSS and optionally fitness."""
+    """Train once with one trainer in this process and return timings, losses, peak RSS and, with `score`, fitness."""
     import torch
     import torch.nn.functional as F
     from datasets import Dataset
@@ -68,7 +68,7 @@ def train_once(trainer_kind: str, preset: str, cache_dir: Path, threads: int, se
     start = time.monotonic()
     data = load_preference_data(settings, cache_dir)
     policy, tokenizer = load_model(settings.model, cache_dir)
-    # every run holds the reference model: evolve and trl-defaults use it, and scoring needs it
+    # every run loads the reference model, because evolve and trl-defaults train with it and scoring needs it
     reference, _ = load_model(settings.model, cache_dir)
     reference.requires_grad_(False)
     torch.manual_seed(seed)
