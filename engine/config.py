@@ -23,7 +23,7 @@ def default_cache_dir() -> Path:
     base = os.environ.get("EVOLVE_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "evolve"
     )
-    return Path(base)
+    return Path(base).expanduser().absolute()
 
 
 @dataclass(frozen=True)
@@ -259,7 +259,8 @@ class RunConfig:
             raise ConfigError(problems)
 
     def resolved_cache_dir(self) -> Path:
-        return Path(self.cache_dir).expanduser() if self.cache_dir else default_cache_dir()
+        # absolute, because sandbox workers run in their job directory
+        return (Path(self.cache_dir).expanduser() if self.cache_dir else default_cache_dir()).absolute()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -26,6 +26,15 @@ from sandbox.protocol import Stage
 logger = logging.getLogger(__name__)
 
 
+class SeedsFailed(RuntimeError):
+    """Error raised when none of the seed programs, which are known-good code, could be evaluated.
+
+    It comes before any proposal is made: the sandbox or the task setup is broken,
+    so every proposal would fail the same way. Resuming the run judges the
+    seeds again.
+    """
+
+
 class Reporter(Protocol):
     """Receiver of the events that a person watching the run sees."""
 
@@ -91,6 +100,7 @@ class Evolution:
         self.proposer = proposer
         self.reporter = reporter
         self.options = options
+        self._seeds_requeued = False
         self._system = system_prompt(task.prompt_text(settings), interface_text(task))
 
     # seeds
@@ -112,11 +122,50 @@ class Evolution:
             self.archive.insert(candidate)
 
     def judge_unfinished(self) -> None:
-        """Finish every candidate left unfinished by an earlier, interrupted process."""
+        """Finish every candidate left unfinished by an earlier, interrupted process.
+
+        Seeds that an earlier process judged without evaluating any of them
+        (the run then stopped with SeedsFailed) are judged again.
+        """
+        self._requeue_failed_seeds()
         unfinished = self.archive.unfinished()
         for candidate in unfinished:
             logger.info("resuming candidate %s (%s) from status %s", candidate.id, candidate.name, candidate.status.value)
         self.judge_batch(unfinished)
+
+    def _requeue_failed_seeds(self) -> None:
+        if self._seeds_requeued:
+            return
+        self._seeds_requeued = True  # once per process, so a second failure stops the run instead of looping
+        seeds = self.archive.seeds()
+        if not seeds or not all(seed.status.is_final for seed in seeds):
+            return
+        if any(seed.status is Status.EVALUATED for seed in seeds):
+            return
+        logger.info("judging the %d seeds again: none was evaluated by the earlier process", len(seeds))
+        for seed in seeds:
+            seed.status = Status.PENDING
+            seed.stage = None
+            seed.category = seed.reason = seed.log_tail = seed.duplicate_of = ""
+            seed.fitness = None
+            seed.metrics = {}
+            seed.timings = {}
+            self.archive.update(seed)
+
+    def check_seeds(self) -> None:
+        """Raise SeedsFailed when there are seeds and none of them was evaluated."""
+        seeds = self.archive.seeds()
+        if not seeds or any(seed.status is Status.EVALUATED for seed in seeds):
+            return
+        lines = []
+        for seed in seeds:
+            stage = seed.stage.value if seed.stage is not None else "?"
+            lines.append(f"  {seed.name}: {seed.status.value} at {stage}: {seed.reason.splitlines()[0] if seed.reason else ''}")
+        raise SeedsFailed(
+            f"none of the {len(seeds)} seed programs could be evaluated. They are known-good code, so the sandbox "
+            "or the task setup is broken and every proposal would fail the same way:\n" + "\n".join(lines) + "\n"
+            "Run `evolve sandbox check` to test the sandbox and read the seeds' logs with `evolve show RUN_DIR`."
+        )
 
     def judge_batch(self, candidates: list[Candidate]) -> None:
         """Judge candidates, up to `workers` at once, and store each with its feedback.
@@ -148,6 +197,7 @@ class Evolution:
     def run(self) -> None:
         start = time.monotonic()
         self.judge_unfinished()
+        self.check_seeds()
         self.replay_outcomes()
         completed = self.archive.get_meta("completed_generations", 0)
         for generation in range(completed + 1, self.options.generations + 1):

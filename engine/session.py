@@ -14,7 +14,7 @@ from rich.table import Table
 from engine.candidate import Status
 from engine.config import RunConfig
 from engine.console import RichReporter, candidate_table, fmt
-from engine.loop import Evolution, LoopOptions, summarize
+from engine.loop import Evolution, LoopOptions, SeedsFailed, summarize
 from engine.prompts import ContextOptions
 from engine.proposer import ProposerStopped
 from engine.runner import RunError, build_pipeline, choose_proposer, lock_run_dir, open_run, prepare_task
@@ -79,6 +79,7 @@ def run_session(
         console.rule("seeds")
         evolution.judge_unfinished()
         console.print(candidate_table("seed programs (measured on this task)", archive.seeds()))
+        evolution.check_seeds()
 
         evolution.run()
     except KeyboardInterrupt:
@@ -96,6 +97,13 @@ def run_session(
         console.print(f"{completed} generation(s) completed. Nothing was lost; continue with: "
                       f"evolve --resume {context.run_dir}")
         return stopped.exit_code
+    except SeedsFailed as failed:
+        reporter.close()
+        archive.set_meta("status", "stopped")
+        archive.log_event("stopped", {"reason": "SeedsFailed", "message": str(failed)})
+        console.print(f"\n[red]stopped:[/] {escape(str(failed)).replace('RUN_DIR', str(context.run_dir))}")
+        console.print(f"Fix the cause, then continue with: evolve --resume {context.run_dir} (the seeds are judged again)")
+        return 1
     except RunError:
         reporter.close()
         archive.set_meta("status", "failed")

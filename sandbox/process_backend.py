@@ -128,6 +128,8 @@ class ProcessBackend(SandboxBackend):
                 "the process sandbox does not assign GPUs; use --sandbox docker for GPU jobs "
                 "or set the task's device to cpu"
             )
+        # the worker runs with the job directory as its working directory, so a relative path would not resolve there
+        job_dir = job_dir.absolute()
         job_dir.mkdir(parents=True, exist_ok=True)
         for stale in (RESULT_FILE, PROGRESS_FILE):
             (job_dir / stale).unlink(missing_ok=True)

@@ -60,6 +60,15 @@ def test_process_job_evaluates_toy_task(tmp_path, toy_task_name):
     assert len(result.metrics["train_loss"]) == 40
 
 
+def test_relative_job_dir_works(tmp_path, toy_task_name, monkeypatch):
+    # the default run directory is relative ("runs/..."), and the worker starts inside the job directory
+    monkeypatch.chdir(tmp_path)
+    job = Job(kind=JobKind.UNIT_TEST, task=toy_task_name, settings={}, cache_dir="cache", code=DPO)
+    result = ProcessBackend().run(job, Path("runs/r1/jobs/dpo"), Limits(timeout_s=60.0, memory_mb=4096, cpus=1))
+    assert result.ok, result.reason + result.log_tail
+    assert (tmp_path / "runs/r1/jobs/dpo/result.json").exists()
+
+
 def test_process_job_environment_is_scrubbed(tmp_path, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-CANARY-7f3a")
     monkeypatch.setenv("HF_TOKEN", "hf_CANARY_91")
