@@ -82,12 +82,24 @@ def main(argv: list[str]) -> int:
         archive.close()
 
 
+def preset_name(config: dict) -> str:
+    """Return the run's preset, naming the task's default preset when the run chose none."""
+    if config.get("preset"):
+        return str(config["preset"])
+    from evaluators.registry import get_task
+
+    try:
+        return get_task(str(config.get("task"))).default_preset
+    except ValueError:
+        return "the task's default"  # the task's plugin is not installed here
+
+
 def print_header(archive: Archive, run_dir: Path, config: dict) -> None:
     settings = archive.get_meta("settings") or {}
     beta = f", beta {settings['beta']}" if "beta" in settings else ""
     console.print(
         f"[bold]{escape(str(run_dir))}[/]  task {escape(str(config.get('task')))}"
-        f" (preset {escape(config.get('preset') or 'default')}{beta}), proposer "
+        f" (preset {escape(preset_name(config))}{beta}), proposer "
         f"{escape(str(archive.get_meta('proposer', '-')))}, sandbox {escape(str(archive.get_meta('backend', '-')))}"
     )
 

@@ -342,3 +342,13 @@ def test_wall_time_counts_sessions(tmp_path, capsys):
     totals = run_json(capsys, "show", str(tmp_path), "--json")["totals"]
     assert totals["wall_s"] == pytest.approx(110.0)
     assert totals["sessions"] == 2
+
+
+
+def test_show_names_default_preset():
+    from engine.commands.show import preset_name
+
+    # a run that chose no preset ran the task's default, which show names as dry-run and check do
+    assert preset_name({"task": "preference", "preset": ""}) == "cpu"
+    assert preset_name({"task": "preference", "preset": "tiny"}) == "tiny"
+    assert preset_name({"task": "not.installed:Task"}) == "the task's default"

@@ -19,3 +19,17 @@ def test_resume_flags_keep_stored_values(tmp_path, toy_task_name):
     assert resumed.config.proposer.model == "local-model"
     assert resumed.config.proposer.kind == "openai"
     assert resumed.config.generations == 3
+
+
+def test_resume_missing_dir_names_it(tmp_path, capsys):
+    from engine.cli import main
+
+    missing = tmp_path / "no-such-run"
+    assert main(["--resume", str(missing)]) == 2
+    message = capsys.readouterr().out
+    assert f"run directory {missing} not found" in message
+
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    assert main(["--resume", str(a_file)]) == 2
+    assert "is not a directory" in capsys.readouterr().out
