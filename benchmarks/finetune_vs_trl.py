@@ -16,7 +16,7 @@ beta, clipping and seed, with DPO's loss (Rafailov et al. 2023, eq. 7):
 
 The stock trainer is subclassed only so that it takes the tokenized pairs as
 they are (`_prepare_dataset`, and `_precompute_ref_logps` for the cached
-log-probs); its loss and training step are TRL's own. Each training runs in a
+log-probs). Its loss and training step are TRL's own. Each training runs in a
 fresh child process, in an order that rotates every repeat, and reports its
 setup and training time, its loss per step and its peak RSS. The first
 training of each kind is also scored with the task's fitness (held-out
@@ -83,7 +83,7 @@ def train_once(trainer_kind: str, preset: str, cache_dir: Path, threads: int, se
 
             result = train_candidate(dpo_loss, policy, reference, tokenizer, data.pairs, settings,
                                      Path(output_dir), seed, lambda *progress: None)
-            # train_candidate builds its dataset and trainer before it trains: that counts as setup
+            # train_candidate builds its dataset and trainer before it trains, and that time counts as setup
             setup_s = time.monotonic() - start - result.train_s
             train_s, losses, steps = result.train_s, result.loss_curve, result.steps
         else:

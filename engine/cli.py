@@ -294,8 +294,8 @@ def run_command(argv: list[str]) -> int:
         overrides = _overrides_from_args(args)
         if args.resume is not None:
             if not args.resume.is_dir():
-                what = "is not a directory" if args.resume.exists() else "not found"
-                console.print(f"[red]error:[/] run directory {args.resume} {what}; pass the directory that "
+                problem = "is not a directory" if args.resume.exists() else "not found"
+                console.print(f"[red]error:[/] run directory {args.resume} {problem}. Pass the directory that "
                               "`evolve` printed when the run started (it contains archive.sqlite)")
                 return 2
             return run_session(None, args.resume, overrides, args.log_level, console)

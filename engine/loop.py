@@ -29,9 +29,9 @@ logger = logging.getLogger(__name__)
 class SeedsFailed(RuntimeError):
     """Error raised when none of the seed programs, which are known-good code, could be evaluated.
 
-    It comes before any proposal is made: the sandbox or the task setup is broken,
-    so every proposal would fail the same way. Resuming the run judges the
-    seeds again.
+    It is raised before any proposal is made, because the sandbox or the task
+    setup is broken and every proposal would fail the same way. Resuming the
+    run judges the seeds again.
     """
 
 

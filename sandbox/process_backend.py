@@ -111,8 +111,8 @@ class ProcessBackend(SandboxBackend):
         return f"process sandbox: child process, {network}, rlimits, scrubbed environment"
 
     def command(self, job_dir: Path) -> list[str]:
-        # NOTE: every job starts a fresh interpreter, and its imports dominate short jobs: on a 2-core CPU torch
-        # takes 1.1 s and torch with transformers and TRL 4.5 s (docs/benchmarks.md). No warm worker pool exists yet.
+        # NOTE: every job starts a fresh interpreter whose imports dominate short jobs. On a 2-core CPU torch takes
+        # 1.1 s, and torch with transformers and TRL 4.5 s (docs/benchmarks.md). No warm worker pool exists yet.
         base = [sys.executable, "-m", "sandbox.worker", str(job_dir)]
         if self.network_isolated:
             return ["unshare", "-rn", *base]

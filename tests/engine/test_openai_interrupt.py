@@ -33,8 +33,8 @@ def default_sigint() -> None:
     """Give the child SIGINT's default disposition, as a program started from a terminal has.
 
     A test run started in the background by a non-interactive shell (`cmd &`)
-    inherits SIGINT as ignored, and Python then installs no KeyboardInterrupt
-    handler; the child must not depend on how pytest itself was started.
+    inherits SIGINT as ignored, so Python installs no KeyboardInterrupt
+    handler. The child must not depend on how pytest itself was started.
     """
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 

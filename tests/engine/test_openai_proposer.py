@@ -145,7 +145,7 @@ def test_down_endpoint_trips_circuit_breaker():
     assert len(waits) == 3
 
 
-def test_endpoint_closed_after_a_reply_is_down_on_kept_alive_connection():
+def test_closed_endpoint_drops_kept_alive_connection():
     """A client's kept-alive connection must not outlive the server: the next call finds the port closed."""
     with FakeOpenAIServer([Reply(GOOD)]) as server:
         proposer = make_proposer(server.base_url, [], circuit_breaker=2, max_retries=5)

@@ -42,7 +42,7 @@ def test_default_run_dir_and_relative_cache(tmp_path):
     assert "evaluated" in {value for key, value in found.items() if key.startswith("g001")}
 
 
-def test_seeds_failing_stop_run_then_resume(tmp_path):
+def test_failed_seeds_stop_run(tmp_path):
     run_dir = tmp_path / "run"
     common = ("--cache-dir", str(tmp_path / "cache"))
     # a deadline no evaluation can meet fails every seed, as a broken sandbox would

@@ -66,7 +66,7 @@ def test_invalid_settings_reported_together():
     assert "model is empty" in message
 
 
-def test_boolean_settings_must_be_booleans():
+def test_boolean_settings_reject_numbers():
     with pytest.raises(ValueError) as caught:
         PreferenceTask().settings_from_dict({"gradient_checkpointing": 1, "freeze_embeddings": "yes"})
 
@@ -75,11 +75,11 @@ def test_boolean_settings_must_be_booleans():
     assert "freeze_embeddings='yes' is invalid" in message
 
 
-def test_gradient_checkpointing_reaches_trainer_config(tmp_path):
+def test_checkpointing_setting_reaches_config(tmp_path):
     from evaluators.preference.trainer import dpo_config
 
     cpu = PreferenceTask().presets()["cpu"]
-    # TRL turns checkpointing on by default; the CPU preset's short sequences do not need it
+    # TRL turns checkpointing on by default, but the CPU preset's short sequences do not need it
     assert dpo_config(cpu, tmp_path, seed=0).activation_checkpointing is False
     on = dataclasses.replace(cpu, gradient_checkpointing=True)
     assert dpo_config(on, tmp_path, seed=0).activation_checkpointing is True

@@ -132,7 +132,7 @@ class FakeOpenAIServer:
         self._lock = threading.Lock()
         self._arrived = threading.Condition(self._lock)
         self._closing = threading.Event()
-        # open client connections; a closed server must not keep answering on a kept-alive one
+        # open client connections, shut down on close so that no kept-alive connection gets a reply afterwards
         self._connections: set[socket.socket] = set()
         self.requests: list[LoggedRequest] = []
         self._http = ThreadingHTTPServer(("127.0.0.1", port), self._handler_class())
