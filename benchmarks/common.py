@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import os
 import platform
-import shutil
-import signal
 import statistics
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -115,43 +111,15 @@ def vm_hwm_mib(pid: int | str = "self") -> float | None:
 
 
 # Ray keeps a loopback address only when this variable is 0 in every process of the cluster and its drivers.
-RAY_LOOPBACK_VARIABLE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-
-
 @contextmanager
 def local_ray_cluster(num_cpus: int) -> Iterator[str]:
-    """Start a Ray head bound to 127.0.0.1 for the duration of the block; yield its GCS address.
+    """Start a Ray head on 127.0.0.1 for the block and yield its address; set the loopback variable here too.
 
-    Sets RAY_LOOPBACK_VARIABLE in this process too, so call it before ray is imported.
+    Call it before ray is imported, because Ray reads the variable on import.
     """
-    os.environ[RAY_LOOPBACK_VARIABLE] = "0"
-    # a short path, because Ray's Unix socket paths under it must stay below 108 bytes
-    temp_dir = Path(tempfile.mkdtemp(prefix="evb", dir="/tmp"))
-    command = [
-        str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--port=0",
-        "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}", "--num-gpus=0", f"--temp-dir={temp_dir}",
-        "--include-dashboard=false", "--disable-usage-stats", "--object-store-memory=100000000",
-    ]
-    log = open(temp_dir / "ray-start.log", "wb")
-    head = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    address_file = temp_dir / "ray_current_cluster"
-    deadline = time.monotonic() + 120.0
-    try:
-        while not address_file.exists() or not address_file.read_text().strip():
-            if head.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"ray start failed: {(temp_dir / 'ray-start.log').read_text()[-2000:]}")
-            time.sleep(0.2)
-        yield address_file.read_text().strip()
-    finally:
-        if "ray" in sys.modules:
-            import ray
+    from tests.support.ray_cluster import LOOPBACK_VARIABLE
+    from tests.support.ray_cluster import local_ray_cluster as start_cluster
 
-            ray.shutdown()
-        head.send_signal(signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
-        log.close()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    os.environ[LOOPBACK_VARIABLE] = "0"
+    with start_cluster(num_cpus) as address:
+        yield address

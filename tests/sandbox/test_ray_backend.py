@@ -11,13 +11,8 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
-import signal
 import socket
 import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 
 import psutil
@@ -32,6 +27,7 @@ from sandbox.backend import BackendKind, Limits, SandboxUnavailable
 from sandbox.process_backend import ProcessBackend, network_isolation_available
 from sandbox.protocol import RESULT_FILE, Job, JobKind
 from tests.engine.test_loop import MARGIN, QuietReporter, ScriptedProposer, reply
+from tests.support.ray_cluster import LOOPBACK_VARIABLE, local_ray_cluster
 
 pytestmark = [
     pytest.mark.ray,
@@ -39,8 +35,6 @@ pytestmark = [
     pytest.mark.skipif(not network_isolation_available(), reason="unshare -rn is not permitted here"),
 ]
 
-LOOPBACK_VARIABLE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-CLUSTER_START_TIMEOUT_S = 120.0
 
 SCALED = reply("scaled_logistic", MARGIN + "    return -F.logsigmoid(2.0 * self.beta * rho)\n")
 SOFTPLUS = reply("softplus_margin", MARGIN + "    return F.softplus(1.0 - self.beta * rho)\n")
@@ -66,38 +60,8 @@ def loopback_ray():
 @pytest.fixture(scope="module")
 def ray_address():
     """Start a 2-CPU Ray head on 127.0.0.1 for this module; yield its GCS address."""
-    # a short path, because Ray's Unix socket paths under it must stay below 108 bytes
-    temp_dir = Path(tempfile.mkdtemp(prefix="evr", dir="/tmp"))
-    command = [
-        str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--port=0",
-        "--node-ip-address=127.0.0.1", "--num-cpus=2", "--num-gpus=0", f"--temp-dir={temp_dir}",
-        "--include-dashboard=false", "--disable-usage-stats", "--object-store-memory=100000000",
-    ]
-    log = open(temp_dir / "ray-start.log", "wb")
-    head = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, LOOPBACK_VARIABLE: "0"})
-    address_file = temp_dir / "ray_current_cluster"
-    deadline = time.monotonic() + CLUSTER_START_TIMEOUT_S
-    # poll for the address file that `ray start` writes once the head is up
-    while not address_file.exists() or not address_file.read_text().strip():
-        if head.poll() is not None or time.monotonic() > deadline:
-            head.kill()
-            pytest.fail(f"ray start failed (exit {head.poll()}): {(temp_dir / 'ray-start.log').read_text()[-2000:]}")
-        time.sleep(0.2)
-    try:
-        yield address_file.read_text().strip()
-    finally:
-        import ray
-
-        ray.shutdown()
-        head.send_signal(signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
-        log.close()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    with local_ray_cluster(num_cpus=2) as address:
+        yield address
 
 
 @pytest.fixture(scope="module")
