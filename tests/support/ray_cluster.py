@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-# Ray reads this when it is first imported; "0" keeps a local cluster on 127.0.0.1 instead of the routable address
+# Ray reads this when it is first imported, and "0" keeps a local cluster on 127.0.0.1, not the routable address
 LOOPBACK_VARIABLE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 START_TIMEOUT_S = 120.0
 
