@@ -151,6 +151,9 @@ def build_run_parser() -> argparse.ArgumentParser:
     sandbox.add_argument("--train-timeout", type=float, metavar="SECONDS",
                          help="wall-clock limit of one fine-tune plus scoring (default: 900)")
     sandbox.add_argument("--gpu", action="store_true", default=None, help="give each evaluation one GPU (docker only)")
+    sandbox.add_argument("--warm-start", action=argparse.BooleanOptionalAction, default=None,
+                         help="process sandbox: fork each job from a worker that has imported torch and the "
+                              "task's modules once (default); --no-warm-start starts a fresh interpreter per job")
     sandbox.add_argument("--executor", choices=("local", "ray"),
                          help="where jobs start: local child processes or containers, or one Ray task per job on "
                               "a Ray cluster, in the node's sandbox (default: local)")
@@ -207,6 +210,7 @@ def _overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "unit_test_timeout_s": args.unit_test_timeout,
         "train_timeout_s": args.train_timeout,
         "gpu": args.gpu,
+        "warm_start": args.warm_start,
         "executor": "ray" if args.executor is None and args.ray_address is not None else args.executor,
         "ray_address": args.ray_address,
     }

@@ -93,7 +93,7 @@ def choose_backend(config: SandboxConfig, run_id: str) -> tuple[SandboxBackend, 
     if config.gpu:
         raise RunError("a GPU was requested (--gpu) but only the Docker backend assigns GPUs; use --sandbox docker")
     try:
-        return ProcessBackend(require_network_isolation=not config.allow_network), reason
+        return ProcessBackend(require_network_isolation=not config.allow_network, warm=config.warm_start), reason
     except SandboxUnavailable as error:
         raise RunError(str(error)) from None
 
@@ -107,7 +107,8 @@ def choose_ray_backend(config: SandboxConfig, run_id: str) -> tuple[SandboxBacke
     inner = None if config.backend == "auto" else BackendKind(config.backend)
     try:
         backend = RayBackend(inner, config.ray_address, run_id=run_id, image=config.image,
-                             allow_network=config.allow_network, gpu=config.gpu)
+                             allow_network=config.allow_network, gpu=config.gpu,
+                             warm_start=config.warm_start)
     except SandboxUnavailable as error:
         raise RunError(str(error)) from None
     return backend, f"ray: one Ray task per job on the cluster at {backend.address}, in the node's {backend.kind.value} sandbox"

@@ -74,6 +74,10 @@ class Task(abc.ABC):
     interface: ClassVar[FunctionInterface]
     settings_class: ClassVar[type]
     default_preset: ClassVar[str] = "cpu"
+    # Modules the process sandbox's warm worker imports once, before it forks
+    # this task's jobs. Trusted project code only; it must not start threads or
+    # touch a GPU at import time.
+    warm_imports: ClassVar[tuple[str, ...]] = ()
 
     @abc.abstractmethod
     def presets(self) -> dict[str, Any]:

@@ -4,12 +4,19 @@ Isolation on Linux: a new session (so the whole process group can be killed),
 a new user and network namespace via `unshare -rn` when the kernel allows it
 (the child then sees only a loopback interface that is down), resource limits
 set with setrlimit, and an environment built from an allow-list so that API
-keys in the engine's environment never reach candidate code. The Docker
-backend adds a read-only root filesystem, dropped capabilities and a pids limit.
+keys in the engine's environment never reach candidate code. GPUs are hidden.
+The Docker backend adds a read-only root filesystem, dropped capabilities and
+a pids limit.
+
+By default jobs are forked from a warm worker (sandbox/forkserver.py) that
+runs in the same sandbox and has imported torch and the task's modules once;
+`warm=False` starts a fresh interpreter per job instead. Both give a job the
+same isolation, limits and environment.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -18,20 +25,24 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Callable
 
 from sandbox.backend import BackendKind, Limits, SandboxBackend, SandboxUnavailable
+from sandbox.forkserver import ForkedJob, ForkServer, ForkServerError
 from sandbox.protocol import LOG_FILE, PROGRESS_FILE, RESULT_FILE, Job, ProgressTail, Stage, StageResult
 
 logger = logging.getLogger(__name__)
 
 # Environment variables copied from the engine's environment. Everything else,
 # API keys and tokens included, is dropped.
-_ENV_ALLOW_LIST = ("LANG", "LC_ALL", "TZ", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "CUDA_VISIBLE_DEVICES")
-# Fixed values set for every job.
+_ENV_ALLOW_LIST = ("LANG", "LC_ALL", "TZ", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+# Fixed values set for every job. The process sandbox assigns no GPU, so none is visible.
 _ENV_FIXED = {
+    "CUDA_VISIBLE_DEVICES": "",
     "PYTHONHASHSEED": "0",
     "PYTHONDONTWRITEBYTECODE": "1",
     "HF_HUB_OFFLINE": "1",
@@ -43,6 +54,7 @@ _ENV_FIXED = {
 }
 _LOG_TAIL_CHARS = 4000
 _POLL_S = 0.25
+_KILL_WAIT_S = 10.0
 
 ProgressCallback = Callable[[dict], None]
 
@@ -88,12 +100,13 @@ def read_log_tail(path: Path, limit: int = _LOG_TAIL_CHARS) -> str:
 
 
 class ProcessBackend(SandboxBackend):
-    """Runs jobs as child processes of the engine."""
+    """Runs jobs as child processes of the engine, or of its warm fork server."""
 
     kind = BackendKind.PROCESS
 
-    def __init__(self, require_network_isolation: bool = True) -> None:
+    def __init__(self, require_network_isolation: bool = True, warm: bool = True) -> None:
         self.network_isolated = network_isolation_available()
+        self.warm = warm
         if not self.network_isolated:
             if require_network_isolation:
                 raise SandboxUnavailable(
@@ -108,15 +121,19 @@ class ProcessBackend(SandboxBackend):
 
     def describe(self) -> str:
         network = "no network (user+network namespace)" if self.network_isolated else "NETWORK NOT ISOLATED"
-        return f"process sandbox: child process, {network}, rlimits, scrubbed environment"
+        start = "forked from a warm worker" if self.warm else "fresh interpreter per job"
+        return f"process sandbox: child process ({start}), {network}, rlimits, scrubbed environment"
+
+    def _sandboxed(self, command: list[str]) -> list[str]:
+        return ["unshare", "-rn", *command] if self.network_isolated else command
 
     def command(self, job_dir: Path) -> list[str]:
-        # NOTE: every job starts a fresh interpreter whose imports dominate short jobs. On a 2-core CPU torch takes
-        # 1.1 s, and torch with transformers and TRL 4.5 s (docs/benchmarks.md). No warm worker pool exists yet.
-        base = [sys.executable, "-m", "sandbox.worker", str(job_dir)]
-        if self.network_isolated:
-            return ["unshare", "-rn", *base]
-        return base
+        """The command of a cold job: a fresh interpreter that runs the worker on `job_dir`."""
+        return self._sandboxed([sys.executable, "-m", "sandbox.worker", str(job_dir)])
+
+    def fork_server(self) -> ForkServer:
+        """Return the warm fork server of this sandbox, shared by every backend of the process; started on first use."""
+        return _shared_fork_server(self.network_isolated, self._sandboxed([sys.executable, "-m", "sandbox.forkserver"]))
 
     def run(
         self,
@@ -136,10 +153,54 @@ class ProcessBackend(SandboxBackend):
         for stale in (RESULT_FILE, PROGRESS_FILE):
             (job_dir / stale).unlink(missing_ok=True)
         job.write(job_dir)
-        home = job_dir / "home"
-        home.mkdir(exist_ok=True)
-        env = build_environment(home, threads=max(1, int(limits.cpus)))
+        (job_dir / "home").mkdir(exist_ok=True)
         log_path = job_dir / LOG_FILE
+        tail = ProgressTail(job_dir / PROGRESS_FILE)
+
+        start = time.monotonic()
+        deadline = start + limits.timeout_s
+        forked = None
+        if self.warm:
+            try:
+                forked = self.fork_server().start(job_dir, job.task, limits.memory_mb, limits.output_mb,
+                                                  threads=max(1, int(limits.cpus)))
+            except ForkServerError as error:
+                logger.log(logging.DEBUG if str(error) in _warned else logging.WARNING,
+                           "warm worker unavailable, this job starts a fresh interpreter: %s", error)
+                _warned.add(str(error))
+        if forked is not None:
+            timed_out, returncode = _watch_forked(forked, deadline, tail, on_progress)
+        else:
+            timed_out, returncode = self._run_cold(job_dir, limits, deadline, tail, on_progress)
+        wall_s = time.monotonic() - start
+        log_tail = read_log_tail(log_path)
+
+        if timed_out:
+            return StageResult(
+                ok=False,
+                stage=Stage.SANDBOX,
+                category="timeout",
+                reason=f"timed out after {wall_s:.0f} s (limit {limits.timeout_s:.0f} s); "
+                "the process group was killed. Make the code cheaper or raise the stage's timeout.",
+                wall_s=wall_s,
+                log_tail=log_tail,
+            )
+        if returncode is None:
+            return StageResult(
+                ok=False,
+                stage=Stage.SANDBOX,
+                category="crash",
+                reason="the warm worker that forked this job died before the job ended, so the job was killed "
+                "with it; run again, or set sandbox.warm_start = false to start each job in a fresh interpreter",
+                wall_s=wall_s,
+                log_tail=log_tail,
+            )
+        return _result_from_exit(job_dir, returncode, wall_s, log_tail, limits)
+
+    def _run_cold(
+        self, job_dir: Path, limits: Limits, deadline: float, tail: ProgressTail, on_progress: ProgressCallback | None
+    ) -> tuple[bool, int]:
+        env = build_environment(job_dir / "home", threads=max(1, int(limits.cpus)))
 
         def apply_limits() -> None:
             _die_with_parent()
@@ -149,10 +210,7 @@ class ProcessBackend(SandboxBackend):
             resource.setrlimit(resource.RLIMIT_FSIZE, (output, output))
             resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
-        start = time.monotonic()
-        deadline = start + limits.timeout_s
-        tail = ProgressTail(job_dir / PROGRESS_FILE)
-        with open(log_path, "ab") as log:
+        with open(job_dir / LOG_FILE, "ab") as log:
             process = subprocess.Popen(
                 self.command(job_dir),
                 cwd=job_dir,
@@ -171,9 +229,7 @@ class ProcessBackend(SandboxBackend):
                         break
                     except subprocess.TimeoutExpired:
                         pass
-                    if on_progress is not None:
-                        for event in tail.poll():
-                            on_progress(event)
+                    _forward(tail, on_progress)
                     if time.monotonic() >= deadline:
                         timed_out = True
                         break
@@ -183,20 +239,67 @@ class ProcessBackend(SandboxBackend):
                     _kill_group(process.pid)
                 process.wait()
                 _kill_group(process.pid)
-        wall_s = time.monotonic() - start
-        log_tail = read_log_tail(log_path)
+        return timed_out, process.returncode
 
-        if timed_out:
-            return StageResult(
-                ok=False,
-                stage=Stage.SANDBOX,
-                category="timeout",
-                reason=f"timed out after {wall_s:.0f} s (limit {limits.timeout_s:.0f} s); "
-                "the process group was killed. Make the code cheaper or raise the stage's timeout.",
-                wall_s=wall_s,
-                log_tail=log_tail,
-            )
-        return _result_from_exit(job_dir, process.returncode, wall_s, log_tail, limits)
+
+def _forward(tail: ProgressTail, on_progress: ProgressCallback | None) -> None:
+    if on_progress is not None:
+        for event in tail.poll():
+            on_progress(event)
+
+
+def _watch_forked(
+    forked: ForkedJob, deadline: float, tail: ProgressTail, on_progress: ProgressCallback | None
+) -> tuple[bool, int | None]:
+    """Wait for a forked job until its deadline; return (timed out, exit status or None when the server died)."""
+    timed_out = False
+    try:
+        while not forked.wait(_POLL_S):
+            _forward(tail, on_progress)
+            if time.monotonic() >= deadline:
+                timed_out = True
+                break
+    finally:
+        if not forked.wait(0):
+            # the server is the child's parent: it kills the process group and reports the exit
+            forked.kill()
+            if not forked.wait(_KILL_WAIT_S) and forked.pid is not None:
+                _kill_group(forked.pid)
+                forked.wait(_KILL_WAIT_S)
+    return timed_out, forked.returncode
+
+
+_servers: dict[tuple, ForkServer] = {}
+_warned: set[str] = set()
+_servers_lock = threading.Lock()
+
+
+def _shared_fork_server(network_isolated: bool, command: list[str]) -> ForkServer:
+    key = (network_isolated, tuple(command), tuple((name, os.environ.get(name)) for name in _ENV_ALLOW_LIST))
+    with _servers_lock:
+        server = _servers.get(key)
+        if server is None:
+            work_dir = Path(tempfile.mkdtemp(prefix="evolve-forkserver-"))
+            (work_dir / "home").mkdir()
+            # one thread while it imports: OpenBLAS and MKL then start no thread pool that a fork would break;
+            # each child sets its own job's thread count
+            env = build_environment(work_dir / "home", threads=1)
+            server = ForkServer(command, env, work_dir)
+            _servers[key] = server
+        return server
+
+
+def close_fork_servers() -> None:
+    """Stop every warm fork server of this process and remove its scratch directory."""
+    with _servers_lock:
+        servers = list(_servers.values())
+        _servers.clear()
+    for server in servers:
+        server.close()
+        shutil.rmtree(server.work_dir, ignore_errors=True)
+
+
+atexit.register(close_fork_servers)
 
 
 def _die_with_parent() -> None:

@@ -76,6 +76,7 @@ class RayBackend(SandboxBackend):
         allow_network: bool = False,
         gpu: bool = False,
         retries: int = 1,
+        warm_start: bool = True,
     ) -> None:
         """Connect to the cluster at `address` and probe a node for its sandbox.
 
@@ -88,6 +89,7 @@ class RayBackend(SandboxBackend):
                 and the process backend, which assigns no GPUs, is not accepted.
             retries: how many times a job is submitted again after its Ray
                 worker or node died.
+            warm_start: in the process backend, fork jobs from a warm worker.
 
         Raises:
             SandboxUnavailable: the cluster is unreachable, or the probed node
@@ -101,7 +103,8 @@ class RayBackend(SandboxBackend):
         self._checked_requests: set[tuple[float, bool]] = set()
         connect(self.address)
 
-        probe_spec = InnerBackendSpec(kind=inner_kind, run_id=run_id, image=image, allow_network=allow_network)
+        probe_spec = InnerBackendSpec(kind=inner_kind, run_id=run_id, image=image, allow_network=allow_network,
+                                      warm_start=warm_start)
         probe = self._probe(probe_spec)
         if probe.kind is None:
             raise SandboxUnavailable(f"the Ray cluster at {self.address} cannot run sandbox jobs: {probe.problem}")
@@ -111,7 +114,8 @@ class RayBackend(SandboxBackend):
                 "Docker sandbox, and only the Docker backend assigns GPUs; install Docker and the sandbox image there"
             )
         # every job uses the backend the probe found, so that one run never mixes sandboxes
-        self.spec = InnerBackendSpec(kind=probe.kind, run_id=run_id, image=image, allow_network=allow_network)
+        self.spec = InnerBackendSpec(kind=probe.kind, run_id=run_id, image=image, allow_network=allow_network,
+                                     warm_start=warm_start)
         self.kind = probe.kind
         self._probe_result = probe
 

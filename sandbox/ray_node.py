@@ -50,12 +50,14 @@ class InnerBackendSpec:
         run_id: the engine run's id, used in Docker container names.
         image: the Docker image of the sandbox worker.
         allow_network: let the process backend run without network isolation.
+        warm_start: let the process backend fork jobs from a warm worker.
     """
 
     kind: BackendKind | None
     run_id: str
     image: str
     allow_network: bool = False
+    warm_start: bool = True
 
     def build(self) -> SandboxBackend:
         """Build the backend on this node; raise SandboxUnavailable when it cannot isolate jobs here."""
@@ -69,7 +71,7 @@ class InnerBackendSpec:
                     raise SandboxUnavailable(f"the Docker sandbox is not usable on node {socket.gethostname()}: {error}") from None
         from sandbox.process_backend import ProcessBackend
 
-        return ProcessBackend(require_network_isolation=not self.allow_network)
+        return ProcessBackend(require_network_isolation=not self.allow_network, warm=self.warm_start)
 
 
 # Messages a node task yields, in this order: NodeStarted, any number of

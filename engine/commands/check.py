@@ -164,7 +164,8 @@ def run_unit_test_job(code: str, task, settings, task_ref: str, timeout_s: float
     from sandbox.protocol import Job, JobKind
 
     try:
-        backend = ProcessBackend(require_network_isolation=not sandbox.allow_network)
+        # one job only: a fork server would import more than this job needs and save nothing
+        backend = ProcessBackend(require_network_isolation=not sandbox.allow_network, warm=False)
     except SandboxUnavailable as error:
         raise SandboxError(str(error)) from None
     job = Job(

@@ -43,6 +43,7 @@ class ClassificationTask(Task):
         ),
     )
     settings_class = ClassificationSettings
+    warm_imports = ("evaluators.classification.checks", "evaluators.classification.data", "evaluators.classification.trainer")
     default_preset = "cpu"
 
     def presets(self) -> dict[str, Any]:

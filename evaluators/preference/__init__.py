@@ -37,6 +37,13 @@ class PreferenceTask(Task):
     )
     settings_class = PreferenceSettings
     default_preset = "cpu"
+    warm_imports = (
+        "evaluators.preference.unit_tests",
+        "evaluators.preference.data",
+        "evaluators.preference.model",
+        "evaluators.preference.fitness",
+        "evaluators.preference.trainer",
+    )
 
     def presets(self) -> dict[str, PreferenceSettings]:
         return dict(PRESETS)

@@ -50,3 +50,17 @@ def test_config_from_toml_values(tmp_path):
     assert config.generations == 5
     assert config.sandbox.backend == "process"
     assert config.sandbox.train_timeout_s == 300.0
+
+
+def test_warm_start_from_toml_and_command_line(tmp_path):
+    from engine.cli import _overrides_from_args, build_run_parser
+
+    assert RunConfig().sandbox.warm_start is True
+    path = tmp_path / "run.toml"
+    path.write_text("[sandbox]\nwarm_start = false\n")
+    assert config_from_dict(load_config_file(path)).sandbox.warm_start is False
+    with pytest.raises(ConfigError, match="warm_start"):
+        config_from_dict({"sandbox": {"warm_start": "no"}})
+    parser = build_run_parser()
+    assert _overrides_from_args(parser.parse_args(["--no-warm-start"]))["sandbox"] == {"warm_start": False}
+    assert "sandbox" not in _overrides_from_args(parser.parse_args([]))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 
 from engine.candidate import Status
@@ -11,7 +10,7 @@ from engine.loop import Evolution, LoopOptions
 from engine.runner import build_pipeline, open_run
 from sandbox.protocol import Stage
 from tests.engine.test_loop import MARGIN, QuietReporter, ScriptedProposer, reply
-from tests.sandbox.test_process_backend import children_of
+from tests.support.processes import leftover_processes
 
 TRAIN_TIMEOUT_S = 30.0
 
@@ -57,4 +56,4 @@ def test_hung_candidate_killed_at_own_deadline(tmp_path, toy_task_name):
     # the generation ends shortly after the hung candidate's deadline, not when it would have finished
     assert generation_s < TRAIN_TIMEOUT_S + 40.0
     assert context.archive.get_meta("completed_generations") == 1
-    assert children_of(os.getpid()) == []
+    assert leftover_processes() == []

@@ -8,7 +8,6 @@ equivalent entries are judged independently rather than as duplicates.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ from evaluators.registry import get_task
 from sandbox.backend import Limits
 from sandbox.protocol import Stage
 from tests.corpus.hostile import BENIGN, HOSTILE
-from tests.sandbox.test_process_backend import children_of
+from tests.support.processes import leftover_processes
 
 LATE_STAGES = {Stage.TRAIN.value, Stage.SANDBOX.value}
 
@@ -79,7 +78,7 @@ def test_hostile_corpus_contained(backend_kind, tmp_path, preference_tiny_cache)
     assert wrong == []
 
     # nothing is left running: no child process here, no container with the test's label
-    assert children_of(os.getpid()) == []
+    assert leftover_processes() == []
     if backend_kind == "docker":
         leftovers = backend.client.containers.list(all=True, filters={"label": "evolve.run_id=corpus-test"})
         assert leftovers == []

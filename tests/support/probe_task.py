@@ -1,4 +1,4 @@
-"""A task whose evaluation probes its own sandbox: environment and network.
+"""A task whose evaluation probes its own sandbox: environment, network, limits.
 
 It stands in for candidate code that got past the static checks (defence in
 depth): the probe runs inside the worker and reports what it could reach.
@@ -7,9 +7,12 @@ depth): the probe runs inside the worker and reports what it could reach.
 from __future__ import annotations
 
 import os
+import resource
 import socket
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from evaluators.task import EvaluationOutcome, FunctionInterface, SeedProgram, Task
 
@@ -34,6 +37,8 @@ class ProbeTask(Task):
     )
     settings_class = ProbeSettings
     default_preset = "default"
+    # prints to standard output when imported, which must not disturb the warm worker's replies
+    warm_imports = ("tests.support.noisy_import",)
 
     def presets(self) -> dict[str, Any]:
         return {"default": ProbeSettings()}
@@ -62,5 +67,14 @@ class ProbeTask(Task):
             "canary_in_pid1": "CANARY" in environ_pid1,
             "env_keys": sorted(os.environ),
             "host_loopback": loopback,
+            "pid": os.getpid(),
+            "parent_pid": os.getppid(),
+            "leads_session": os.getsid(0) == os.getpid(),
+            "home": os.environ.get("HOME", ""),
+            "cwd": os.getcwd(),
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "rlimit_as": resource.getrlimit(resource.RLIMIT_AS)[0],
+            "rlimit_fsize": resource.getrlimit(resource.RLIMIT_FSIZE)[0],
+            "torch_threads": torch.get_num_threads(),
         }
         return EvaluationOutcome(fitness=0.0, metrics=metrics)
