@@ -3,7 +3,9 @@
 Each configuration runs `evolve` in a child process whose exit hook reads
 VmHWM from /proc/self/status, so the figure covers the engine process alone:
 its sandbox jobs are other processes and do not count. The peer in the same
-run is the largest peak RSS that one of the run's sandbox jobs reported.
+run is the largest peak RSS that one of the run's sandbox jobs reported. The
+process sandbox's warm fork server is a process of its own too; its VmHWM is
+read by the same hook, before the engine stops it, and reported apart.
 
 Usage: .venv/bin/python -m benchmarks.engine_rss [--ray] [--preference]
 """
@@ -34,17 +36,32 @@ from benchmarks.common import (  # noqa: E402
 )
 
 TARGET_MIB = 500.0
-# Runs the evolve command line and, at exit, writes this process's VmHWM and VmRSS to the file in argv[1].
+# Runs the evolve command line and, at exit, writes this process's VmHWM and VmRSS, and the VmHWM of its
+# fork servers, to the file in argv[1]. The hook is registered after the backend's own exit hook, so it runs
+# first, while the fork servers still live.
 PROBE = """
-import atexit, json, sys
+import atexit, json, os, sys
 from pathlib import Path
+import sandbox.process_backend
+
+def status(pid):
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmHWM", "VmRSS", "PPid"):
+            fields[key] = int(value.split()[0]) / (1 if key == "PPid" else 1024.0)
+    return fields
 
 def record(path=Path(sys.argv[1])):
-    fields = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmHWM", "VmRSS"):
-            fields[key] = int(value.split()[0]) / 1024.0
+    fields = status("self")
+    servers = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if b"sandbox.forkserver" in cmdline.read_bytes() and status(cmdline.parent.name)["PPid"] == os.getpid():
+                servers.append(status(cmdline.parent.name)["VmHWM"])
+        except (OSError, KeyError):
+            pass
+    fields["servers"] = servers
     path.write_text(json.dumps(fields))
 
 atexit.register(record)
@@ -78,6 +95,7 @@ def run_evolve(label: str, evolve_args: list[str], scratch: Path) -> list[str]:
         f"{largest_job:.0f} MiB" if largest_job is not None else "n/a",
         f"{memory['VmHWM'] / largest_job:.2f}" if largest_job else "n/a",
         "met" if memory["VmHWM"] < TARGET_MIB else "not met",
+        f"{max(memory['servers']):.0f} MiB" if memory["servers"] else "none",
     ]
 
 
@@ -112,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"- each run: offline proposer, process sandbox, population 2, 2 workers; the toy runs have "
           f"{args.generations} generations, the preference run 1\n")
     print(table(["run", "engine VmHWM", "engine VmRSS at exit", "candidates (seeds included)",
-                 "largest sandbox job's peak RSS", "ratio engine / job", f"target < {TARGET_MIB:.0f} MiB"], rows))
+                 "largest sandbox job's peak RSS", "ratio engine / job", f"target < {TARGET_MIB:.0f} MiB",
+                 "fork server VmHWM"], rows))
     return 0
 
 

@@ -1,13 +1,16 @@
 """Cost of a candidate whose loss is NaN at the first step, against a full fine-tune, and its peak memory.
 
-Both are preference-task evaluation jobs in the process backend, as the
-engine runs them. One is the study's DPO seed, which trains every step and is
-then scored. The other is a loss that is NaN from the first step, which the
-trainer stops before the optimizer's first update. The NaN job pays the
-process start, the imports and the model and data loading, but no training
-or scoring.
-Jobs alternate, in an order that flips every repeat, so load changes hit both alike. The full fine-tune's peak
-RSS is the worker's own maximum resident set size (ru_maxrss).
+Both are preference-task evaluation jobs in the process backend, forked from
+its warm fork server as the engine runs them by default. One is the study's
+DPO seed, which trains every step and is then scored. The other is a loss
+that is NaN from the first step, which the trainer stops before the
+optimizer's first update. The NaN job pays the fork and the model and data
+loading, but no imports, training or scoring. Both jobs also run in a fresh
+interpreter (`--no-warm-start`), to show what the warm start saves and that
+it changes no result. One untimed job starts the fork server before the timed ones.
+Jobs alternate, in an order that flips every repeat, so load changes hit all
+alike. The full fine-tune's peak RSS is the worker's own maximum resident set
+size (ru_maxrss).
 
 Usage: .venv/bin/python -m benchmarks.nan_fail_fast [--preset cpu] [--repeats 4] [--cpus 2]
 """
@@ -61,12 +64,15 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="evolve-prepare-") as job_dir:
         prepare_task(task, settings, cache_dir, Path(job_dir), task_ref="preference")
     dpo = next(seed for seed in load_seed_programs("preference", "baselines") if seed.name == "dpo")
-    codes = {"nan": NAN_LOSS, "full": dpo.code}
-    backend = ProcessBackend()
+    codes = {"nan": NAN_LOSS, "full": dpo.code, "nan_cold": NAN_LOSS, "full_cold": dpo.code}
+    backends = {kind: ProcessBackend(warm=not kind.endswith("_cold")) for kind in codes}
     limits = Limits(timeout_s=1800, memory_mb=12288, cpus=args.cpus)
     results = {kind: [] for kind in codes}
 
     with tempfile.TemporaryDirectory(prefix="evolve-bench-") as scratch, LoadSampler() as load:
+        warm_up = Job(kind=JobKind.UNIT_TEST, task="preference", settings=task.settings_to_dict(settings),
+                      cache_dir=str(cache_dir), code=dpo.code)
+        backends["nan"].run(warm_up, Path(scratch) / "warm-up", limits)
         for repeat in range(args.repeats):
             # the order flips every repeat, so a load trend favours neither job
             kinds = list(codes) if repeat % 2 == 0 else list(reversed(codes))
@@ -74,12 +80,12 @@ def main(argv: list[str] | None = None) -> int:
                 code = codes[kind]
                 job = Job(kind=JobKind.EVALUATE, task="preference", settings=task.settings_to_dict(settings),
                           cache_dir=str(cache_dir), code=code, seed=0, candidate_id=f"{kind}-{repeat}")
-                results[kind].append(backend.run(job, Path(scratch) / f"{kind}-{repeat}", limits))
+                results[kind].append(backends[kind].run(job, Path(scratch) / f"{kind}-{repeat}", limits))
 
-    for result in results["full"]:
+    for result in results["full"] + results["full_cold"]:
         if not result.ok:
             raise RuntimeError(f"the DPO fine-tune failed: {result.reason}\n{result.log_tail}")
-    for result in results["nan"]:
+    for result in results["nan"] + results["nan_cold"]:
         if result.ok or result.category != "nan":
             raise RuntimeError(f"the NaN loss was not stopped as expected: ok={result.ok} {result.category}: "
                                f"{result.reason}")
@@ -87,12 +93,15 @@ def main(argv: list[str] | None = None) -> int:
     full_s = statistics.median(r.wall_s for r in results["full"])
     nan_s = statistics.median(r.wall_s for r in results["nan"])
     rows = []
-    for kind, label in (("full", "DPO seed, full fine-tune and scoring"), ("nan", "loss NaN at step 1")):
+    for kind, label in (("full", "DPO seed, full fine-tune and scoring"), ("nan", "loss NaN at step 1"),
+                        ("full_cold", "DPO seed, fresh interpreter (`--no-warm-start`)"),
+                        ("nan_cold", "loss NaN at step 1, fresh interpreter (`--no-warm-start`)")):
         runs = results[kind]
         walls = [r.wall_s for r in runs]
         peaks = [r.peak_rss_mb for r in runs if r.peak_rss_mb is not None]
+        fitness = sorted({f"{r.fitness:.4f}" for r in runs if r.fitness is not None}) or ["none"]
         rows.append([label, f"{statistics.median(walls):.1f} s", f"{min(walls):.1f} to {max(walls):.1f} s",
-                     f"{statistics.median(peaks):.0f} MiB" if peaks else "n/a",
+                     f"{statistics.median(peaks):.0f} MiB" if peaks else "n/a", ", ".join(fitness),
                      f"{statistics.median(walls) / full_s:.3f}"])
     full_metrics = results["full"][0].metrics
     peak_full = statistics.median(r.peak_rss_mb for r in results["full"] if r.peak_rss_mb is not None)
@@ -102,9 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     for line in machine_lines():
         print(line)
     print(f"- 1-minute load average during the runs: {load.summary()}")
-    print(f"- preset {args.preset}, evaluation jobs in the process backend with {args.cpus:g} CPU thread(s), "
+    print(f"- preset {args.preset}, evaluation jobs in the process backend, forked from the warm server "
+          f"unless marked, with {args.cpus:g} CPU thread(s), "
           f"{args.repeats} jobs of each kind\n")
-    print(table(["job", "wall time (median)", "range", "worker peak RSS", "ratio to the full fine-tune"], rows))
+    print(table(["job", "wall time (median)", "range", "worker peak RSS", "fitness", "ratio to the full fine-tune"],
+                rows))
     share = nan_s / full_s
     print(f"\nTarget: the NaN candidate costs under {TARGET_SHARE:.0%} of a full fine-tune: "
           f"{'met' if share < TARGET_SHARE else 'not met'} ({share:.1%}).")

@@ -2,13 +2,14 @@
 
 The candidates are the preference task's 11 seed programs, sent as the JSON
 reply a model would write. Each round runs the unit-test job of one
-candidate in the process backend. Peers measured in the same round split its
-cost: a bare interpreter start in the same sandbox (`python -c pass` under
-`unshare -rn`), `import torch` alone, the imports the worker needs for this
-task, and the job run a second time in a worker that has already imported
-everything. When the Docker engine and the
-sandbox image are available, the same job runs in a container too, next to a
-container that only runs `python -c pass`.
+candidate in the process backend twice: forked from the warm fork server (the
+default) and in a fresh interpreter (`--no-warm-start`, the peer). Peers that
+split the fresh interpreter's cost run in the same round: a bare interpreter
+start in the same sandbox (`python -c pass` under `unshare -rn`), `import
+torch` alone, and the imports the worker needs for this task. The fork
+server's one-time start and its first job are reported on their own. When the
+Docker engine and the sandbox image are available, the same job runs in a
+container too, next to a container that only runs `python -c pass`.
 
 Usage: .venv/bin/python -m benchmarks.validation_overhead [--runs 7] [--docker auto|skip]
 """
@@ -41,20 +42,6 @@ TARGET_S = 1.0
 # the modules a preference unit-test job imports before it runs the candidate
 WORKER_IMPORTS = "import torch, RestrictedPython, sandbox.loader, sandbox.static_check, evaluators.preference.unit_tests"
 LIMITS = Limits(timeout_s=120, memory_mb=4096, cpus=1)
-# Runs a written job twice in one process and prints the second run's seconds:
-# the work that a warm worker, with every module imported, would still do.
-WARM_RUN = """
-import sys, time
-from pathlib import Path
-from sandbox.protocol import Job
-from sandbox.worker import run_job
-job_dir = Path(sys.argv[1])
-job = Job.read(job_dir)
-run_job(job, job_dir)
-start = time.perf_counter()
-result = run_job(job, job_dir)
-print(time.perf_counter() - start)
-"""
 
 
 def candidate_replies() -> list[tuple[str, str]]:
@@ -83,12 +70,6 @@ def engine_checks(replies: list[tuple[str, str]], repeats: int) -> Series:
             times.append((time.perf_counter() - start) * 1000.0)
         medians.values.append(statistics.median(times))
     return medians
-
-
-def warm_run_s(prefix: list[str], job_dir: Path, env: dict[str, str]) -> float:
-    completed = subprocess.run([*prefix, sys.executable, "-c", WARM_RUN, str(job_dir)], env=env, check=True,
-                               stdin=subprocess.DEVNULL, capture_output=True, text=True)
-    return float(completed.stdout.strip().splitlines()[-1])
 
 
 def timed_child(command: list[str], env: dict[str, str]) -> float:
@@ -122,17 +103,18 @@ def main(argv: list[str] | None = None) -> int:
     replies = candidate_replies()
     task = get_task("preference")
     settings = task.settings_to_dict(task.presets()["cpu"])
-    process = ProcessBackend()
+    warm = ProcessBackend(warm=True)
+    cold = ProcessBackend(warm=False)
     docker, docker_problem = (None, "skipped with --docker skip")
     if args.docker == "auto":
         docker, docker_problem = docker_backends(f"bench-{int(time.time())}")
 
     series = {
-        "job": Series("unit-test job, process backend", "s"),
+        "job": Series("unit-test job, process backend, forked from the warm server (default)", "s"),
+        "cold": Series("unit-test job, process backend, fresh interpreter (`--no-warm-start`)", "s"),
         "spawn": Series("`python -c pass` in the process sandbox", "s"),
         "torch": Series("`python -c 'import torch'` in the process sandbox", "s"),
         "imports": Series("the worker's imports for this task, in the process sandbox", "s"),
-        "warm": Series("the same job in a worker that has imported everything (a warm pool's cost)", "s"),
         "docker_job": Series("unit-test job, Docker backend", "s"),
         "docker_bare": Series("container that runs `python -c pass`, Docker backend", "s"),
     }
@@ -142,22 +124,34 @@ def main(argv: list[str] | None = None) -> int:
         (scratch_dir / "cache").mkdir()
         (scratch_dir / "home").mkdir()
         env = build_environment(scratch_dir / "home", threads=1)
-        sandbox_prefix = process.command(scratch_dir)[:-4]  # ["unshare", "-rn"], or [] without isolation
+        sandbox_prefix = cold.command(scratch_dir)[:-4]  # ["unshare", "-rn"], or [] without isolation
         engine = engine_checks(replies, args.engine_repeats)
+        # the server starts on the first job and imports this task's modules for it: a cost paid once per run
+        first_job = Job(kind=JobKind.UNIT_TEST, task="preference", settings=settings,
+                        cache_dir=str(scratch_dir / "cache"), code=parse_reply(replies[0][1]).code)
+        start = time.perf_counter()
+        first = warm.run(first_job, scratch_dir / "first-job", LIMITS)
+        first_s = time.perf_counter() - start
+        if not first.ok:
+            rejected.append(f"first warm job: {first.reason}")
+        server_s = warm.fork_server().ready_seconds or 0.0
 
         for round_index in range(args.runs):
             name, text = replies[round_index % len(replies)]
             code = parse_reply(text).code
             job = Job(kind=JobKind.UNIT_TEST, task="preference", settings=settings,
                       cache_dir=str(scratch_dir / "cache"), code=code, candidate_id=name)
-            result = process.run(job, scratch_dir / f"job-{round_index}", LIMITS)
+            result = warm.run(job, scratch_dir / f"job-{round_index}", LIMITS)
             if not result.ok:
                 rejected.append(f"{name}: {result.reason}")
             series["job"].values.append(result.wall_s)
+            result = cold.run(job, scratch_dir / f"cold-job-{round_index}", LIMITS)
+            if not result.ok:
+                rejected.append(f"{name} (fresh interpreter): {result.reason}")
+            series["cold"].values.append(result.wall_s)
             series["spawn"].values.append(timed_child([*sandbox_prefix, sys.executable, "-c", "pass"], env))
             series["torch"].values.append(timed_child([*sandbox_prefix, sys.executable, "-c", "import torch"], env))
             series["imports"].values.append(timed_child([*sandbox_prefix, sys.executable, "-c", WORKER_IMPORTS], env))
-            series["warm"].values.append(warm_run_s(sandbox_prefix, scratch_dir / f"job-{round_index}", env))
             if docker is not None:
                 worker, bare = docker
                 result = worker.run(job, scratch_dir / f"docker-job-{round_index}", LIMITS)
@@ -169,14 +163,18 @@ def main(argv: list[str] | None = None) -> int:
                 series["docker_bare"].values.append(time.perf_counter() - start)
 
     job_s = series["job"].median
+    cold_s = series["cold"].median
     rows = [[engine.name, f"{engine.median:.2f} ms", f"{min(engine.values):.2f} to {max(engine.values):.2f} ms "
-             f"over {len(engine.values)} candidates", f"{engine.median / 1000.0 / job_s:.4f}"]]
-    for key in ("job", "spawn", "torch", "imports", "warm", "docker_job", "docker_bare"):
+             f"over {len(engine.values)} candidates", f"{engine.median / 1000.0 / cold_s:.4f}"]]
+    for key in ("job", "cold", "spawn", "torch", "imports", "docker_job", "docker_bare"):
         measured = series[key]
         if not measured.values:
             continue
         rows.append([measured.name, f"{measured.median:.2f} s", f"{measured.spread()} s over {len(measured.values)} runs",
-                     f"{measured.median / job_s:.2f}"])
+                     f"{measured.median / cold_s:.2f}"])
+    rows.append(["once per run: fork server start (base imports)", f"{server_s:.2f} s", "1 run", f"{server_s / cold_s:.2f}"])
+    rows.append(["once per run: first warm job (server start and the task's imports included)", f"{first_s:.2f} s", "1 run",
+                 f"{first_s / cold_s:.2f}"])
 
     print("## Validation overhead per candidate\n")
     print(f"- command: `{command_line()}`")
@@ -184,17 +182,14 @@ def main(argv: list[str] | None = None) -> int:
         print(line)
     print(f"- 1-minute load average during the run: {load.summary()}")
     print("- candidates: the 11 preference seed programs; sandbox jobs use 1 CPU thread each\n")
-    print(table(["step", "median", "range", "ratio to the process unit-test job"], rows))
+    print(table(["step", "median", "range", "ratio to the fresh-interpreter job"], rows))
     print()
     met = "met" if job_s + engine.median / 1000.0 < TARGET_S else "not met"
     print(f"Target: under {TARGET_S:.0f} s per candidate in the process backend: {met} "
           f"({job_s + engine.median / 1000.0:.2f} s, median).")
-    share = series["imports"].median / job_s
-    print(f"The worker's imports alone take {share:.0%} of the unit-test job "
-          f"(`import torch` alone {series['torch'].median / job_s:.0%}).")
-    warm_total = series["warm"].median + series["spawn"].median + engine.median / 1000.0
-    print(f"With a warm worker pool (modules imported once per worker, one fork per job) a candidate would "
-          f"cost an estimated {warm_total:.2f} s: the warm job, an interpreter start and the in-engine checks.")
+    print(f"The warm job takes {job_s / cold_s:.0%} of the fresh-interpreter job ({cold_s / job_s:.1f}x faster). "
+          f"In the fresh interpreter the worker's imports alone take {series['imports'].median / cold_s:.0%} "
+          f"of the job (`import torch` alone {series['torch'].median / cold_s:.0%}).")
     if docker is None:
         print(f"Docker rows skipped: {docker_problem}")
     if rejected:
