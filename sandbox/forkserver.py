@@ -75,7 +75,12 @@ _START_TIMEOUT_S = 120.0
 # server side, inside the sandbox
 
 
-def _set_parent_death_signal() -> None:
+def set_parent_death_signal() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies, even by SIGKILL.
+
+    Linux sends the signal when the thread that forked this process ends, so
+    a parent with several threads must fork from one that lives as long as it.
+    """
     try:
         import ctypes
 
@@ -116,7 +121,9 @@ def _run_child(request: dict[str, Any], private_fds: list[int]) -> int:
     import resource
 
     os.setsid()
-    _set_parent_death_signal()
+    set_parent_death_signal()
+    if os.getppid() != request["server_pid"]:
+        return 1  # the server died before the signal was armed
     signal.set_wakeup_fd(-1)
     for number in (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM):
         signal.signal(number, signal.SIG_DFL)
@@ -150,6 +157,7 @@ def _run_child(request: dict[str, Any], private_fds: list[int]) -> int:
 def _fork_job(request: dict[str, Any], private_fds: list[int]) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
+    request = {**request, "server_pid": os.getpid()}
     pid = os.fork()
     if pid:
         return pid

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 from sandbox.backend import BackendKind, Limits, SandboxBackend, SandboxUnavailable
-from sandbox.forkserver import ForkedJob, ForkServer, ForkServerError
+from sandbox.forkserver import ForkedJob, ForkServer, ForkServerError, set_parent_death_signal
 from sandbox.protocol import LOG_FILE, PROGRESS_FILE, RESULT_FILE, Job, ProgressTail, Stage, StageResult
 
 logger = logging.getLogger(__name__)
@@ -203,7 +203,8 @@ class ProcessBackend(SandboxBackend):
         env = build_environment(job_dir / "home", threads=max(1, int(limits.cpus)))
 
         def apply_limits() -> None:
-            _die_with_parent()
+            # the engine's job thread lives until the job ends, so the signal follows the engine
+            set_parent_death_signal()
             memory = limits.memory_mb * 1024 * 1024
             resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
             output = limits.output_mb * 1024 * 1024
@@ -300,22 +301,6 @@ def close_fork_servers() -> None:
 
 
 atexit.register(close_fork_servers)
-
-
-def _die_with_parent() -> None:
-    """Ask Linux to SIGKILL this process when the engine dies, even by SIGKILL.
-
-    Without it a killed engine leaves its worker running, and a resumed run
-    would race that orphan for the same job directory.
-    """
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _kill_group(pid: int) -> None:
