@@ -138,10 +138,11 @@ def test_killed_ray_worker_job_runs_again(tmp_path, ray_address, toy_task_name, 
         steps.append(event["step"])
         if killed or event["step"] < 3:
             return
-        # the toy task's progress events mark the job as training; find its sandbox worker and that worker's parent
+        # the toy task's progress events mark the job as training; find its sandbox worker, a fresh interpreter
+        # or a child of the warm fork server, by its working directory, then the Ray worker above it
         for process in psutil.process_iter(["cmdline"]):
             cmdline = process.info["cmdline"] or []
-            if "sandbox.worker" not in cmdline:
+            if "sandbox.worker" not in cmdline and "sandbox.forkserver" not in cmdline:
                 continue
             try:
                 job = Job.read(Path(process.cwd()))
@@ -149,6 +150,8 @@ def test_killed_ray_worker_job_runs_again(tmp_path, ray_address, toy_task_name, 
                 continue
             if job.candidate_id == candidate.id and job.kind is JobKind.EVALUATE:
                 ray_worker = process.parent()
+                if "sandbox.forkserver" in ray_worker.cmdline():
+                    ray_worker = ray_worker.parent()
                 # a Ray worker shows "ray::<task>" once it has set its title, its script path before that
                 title = " ".join(ray_worker.cmdline())
                 assert "ray::" in title or "default_worker.py" in title, title
@@ -174,7 +177,7 @@ def test_killed_ray_worker_job_runs_again(tmp_path, ray_address, toy_task_name, 
     assert steps[-1] == context.settings.steps
     retries = [r for r in caplog.records if "submitting it again" in r.getMessage() and victim.id in r.getMessage()]
     assert len(retries) == 1
-    # the sandbox worker did not outlive its Ray worker (PDEATHSIG)
+    # the sandbox worker did not outlive its Ray worker (its fork server saw its input close, or PDEATHSIG)
     sandbox_worker = killed["sandbox_worker"]
     assert not psutil.pid_exists(sandbox_worker) or psutil.Process(sandbox_worker).status() == psutil.STATUS_ZOMBIE
     # a complete second try gives the same fitness as an undisturbed local run
