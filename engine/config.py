@@ -317,7 +317,8 @@ def _coerce(key: str, value: Any, spec: dataclasses.Field, where: str, problems:
     if expected in checks:
         wanted = checks[expected]
         if not isinstance(value, wanted) or (wanted is int and isinstance(value, bool)):
-            problems.append(f"{where}: {key} = {value!r} has type {type(value).__name__}, expected {expected}")
+            hint = " (true or false)" if expected == "bool" else ""
+            problems.append(f"{where}: {key} = {value!r} has type {type(value).__name__}, expected {expected}{hint}")
             return spec.default
     return value
 

@@ -130,7 +130,9 @@ class Evolution:
         self._requeue_failed_seeds()
         unfinished = self.archive.unfinished()
         for candidate in unfinished:
-            logger.info("resuming candidate %s (%s) from status %s", candidate.id, candidate.name, candidate.status.value)
+            # new seeds come here too, as pending candidates, so the message does not say "resuming"
+            logger.info("judging unfinished candidate %s (%s), status %s", candidate.id, candidate.name,
+                        candidate.status.value)
         self.judge_batch(unfinished)
 
     def _requeue_failed_seeds(self) -> None:

@@ -365,6 +365,8 @@ class ForkServer:
                            f"(log {self.log_path}): {_tail(self.log_path)}")
             raise ForkServerError(self.broken)
         self.ready_seconds = float(ready.get("seconds", 0.0))
+        logger.info("fork server started (pid %d, base imports %.1f s, log %s)", process.pid, self.ready_seconds,
+                    self.log_path)
         self._process = process
         threading.Thread(target=self._read_replies, args=(process,), name="forkserver-replies", daemon=True).start()
         return process
@@ -399,6 +401,9 @@ class ForkServer:
                 pending.ended.set()
         # the server is gone: every job it held is lost (its children died with it)
         process.wait()
+        if process.returncode != 0:
+            logger.warning("fork server (pid %d) ended with status %d; see %s", process.pid, process.returncode,
+                           self.log_path)
         with self._lock:
             lost = [pending for pending in self._jobs.values()]
             self._jobs = {}

@@ -59,7 +59,7 @@ def test_warm_start_from_toml_and_command_line(tmp_path):
     path = tmp_path / "run.toml"
     path.write_text("[sandbox]\nwarm_start = false\n")
     assert config_from_dict(load_config_file(path)).sandbox.warm_start is False
-    with pytest.raises(ConfigError, match="warm_start"):
+    with pytest.raises(ConfigError, match=r"warm_start = 'no' has type str, expected bool \(true or false\)"):
         config_from_dict({"sandbox": {"warm_start": "no"}})
     parser = build_run_parser()
     assert _overrides_from_args(parser.parse_args(["--no-warm-start"]))["sandbox"] == {"warm_start": False}
