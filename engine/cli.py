@@ -346,7 +346,8 @@ def dry_run(config) -> int:
     for key, value in task.settings_to_dict(settings).items():
         console.print(f"  {key} = {value!r}")
     console.print(f"generations {config.generations}, population {config.population}, workers {config.workers}, "
-                  f"sandbox {config.sandbox.backend}, proposer {config.proposer.kind}")
+                  f"sandbox {config.sandbox.backend} (process warm start {'on' if config.sandbox.warm_start else 'off'}), "
+                  f"proposer {config.proposer.kind}")
     return 0
 
 

@@ -76,7 +76,9 @@ def run_session(
 
         # seeds: inserted once, evaluated (or taken from the baseline cache) before generation 1
         evolution.add_seeds(_seed_programs(context.task, config.seed_group))
-        console.rule("seeds")
+        seed_ids = {seed.id for seed in archive.seeds()}
+        resumed = [candidate for candidate in archive.unfinished() if candidate.id not in seed_ids]
+        console.rule("seeds, and candidates the interrupted run left unfinished" if resumed else "seeds")
         evolution.judge_unfinished()
         console.print(candidate_table("seed programs (measured on this task)", archive.seeds()))
         evolution.check_seeds()

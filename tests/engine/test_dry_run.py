@@ -19,3 +19,11 @@ def test_cpu_preset_dry_run_lists_settings(capsys):
     output = capsys.readouterr().out
     assert code == 0
     assert "beta = 0.2" in output
+    assert "process warm start on" in output
+
+
+def test_dry_run_shows_warm_start_off(capsys):
+    code = main(["--task", "preference", "--dry-run", "--no-warm-start"])
+    output = capsys.readouterr().out
+    assert code == 0
+    assert "process warm start off" in output

@@ -63,6 +63,8 @@ def test_sigkill_during_finetune_then_resume(tmp_path):
     resumed = evolve("--resume", str(run_dir), run_dir=run_dir, cache_dir=cache_dir)
     output = resumed.communicate(timeout=600)[0].decode()
     assert resumed.returncode == 0, output[-3000:]
+    # the killed candidate is judged again before generation 2, under a heading that names it
+    assert "seeds, and candidates the interrupted run left unfinished" in output
 
     after = rows(run_dir, "SELECT id, code, status, origin, generation FROM candidates ORDER BY seq")
     ids = [row[0] for row in after]
