@@ -4,8 +4,8 @@ Each configuration runs `evolve` in a child process whose exit hook reads
 VmHWM from /proc/self/status, so the figure covers the engine process alone:
 its sandbox jobs are other processes and do not count. The peer in the same
 run is the largest peak RSS that one of the run's sandbox jobs reported. The
-process sandbox's warm fork server is a process of its own too; its VmHWM is
-read by the same hook, before the engine stops it, and reported apart.
+process sandbox's warm fork server is a process of its own too. The same hook
+reads its VmHWM before the engine stops it, and the table reports it apart.
 
 Usage: .venv/bin/python -m benchmarks.engine_rss [--ray] [--preference]
 """

@@ -98,7 +98,7 @@ def _write_line(fd: int, payload: dict[str, Any]) -> None:
             written = os.write(fd, data)
             data = data[written:]
     except BrokenPipeError:
-        pass  # the engine is gone; the loop ends when it sees the closed input
+        pass  # The engine is gone. The loop ends once the request input closes.
 
 
 def _warm_task(name: str, warmed: set[str]) -> None:
@@ -113,11 +113,12 @@ def _warm_task(name: str, warmed: set[str]) -> None:
         for module in getattr(task, "warm_imports", ()):
             importlib.import_module(module)
     except Exception as error:  # noqa: BLE001 - the child imports again and reports the failure in its job
-        print(f"forkserver: could not preload task {name!r}: {type(error).__name__}: {error}", file=sys.stderr)
+        print(f"forkserver: failed to preload task {name!r}, so its jobs import it themselves: "
+              f"{type(error).__name__}: {error}", file=sys.stderr)
 
 
 def _run_child(request: dict[str, Any], private_fds: list[int]) -> int:
-    """Set up the forked child as an isolated job worker and run the job; return its exit status."""
+    """Set up the forked child as an isolated job worker, run the job and return its exit status."""
     import resource
 
     os.setsid()
@@ -191,9 +192,9 @@ def _kill_group(pid: int) -> None:
 def serve() -> int:
     """Run the server loop until standard input closes.
 
-    The server sets no parent-death signal: Linux sends it when the engine
-    thread that started the server ends, not the engine. A closed standard
-    input tells it the engine is gone.
+    The server sets no parent-death signal, because Linux sends it when the
+    engine thread that started the server ends, not the engine. A closed
+    standard input means the engine is gone.
     """
     reply_fd = os.dup(1)
     request_fd = os.dup(0)
@@ -251,7 +252,8 @@ def serve() -> int:
                     _write_line(reply_fd, {"id": request_id, "pid": pid})
                 elif request["op"] == "kill" and request_id in by_id:
                     _kill_group(by_id[request_id])
-        # reap ended children; kill what is left of each one's process group while the zombie still holds its pid
+        # Reap ended children. Each one's process group is killed first, while the unreaped zombie keeps its pid
+        # from being reused.
         while running:
             try:
                 info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
@@ -305,7 +307,7 @@ class ForkedJob:
         return self._pending.pid
 
     def wait(self, timeout: float) -> bool:
-        """Wait up to `timeout` seconds; return whether the job ended."""
+        """Wait up to `timeout` seconds and return whether the job ended."""
         return self._pending.ended.wait(timeout)
 
     @property
@@ -319,12 +321,12 @@ class ForkedJob:
         return self._pending.lost
 
     def kill(self) -> None:
-        """Ask the server to kill the job's process group (the server knows the pid is still its child)."""
+        """Ask the server to kill the job's process group; as the child's parent, it cannot hit a reused pid."""
         self._server.send({"op": "kill", "id": self.request_id})
 
 
 class ForkServer:
-    """Starts the fork server in the sandbox and multiplexes jobs over its pipes.
+    """Engine-side client that starts the fork server in the sandbox and multiplexes jobs over its pipes.
 
     Thread-safe: engine threads may start and wait for jobs at the same time.
     """
@@ -339,7 +341,7 @@ class ForkServer:
         self._next_id = 0
         self.log_path = work_dir / "forkserver.log"
         self.ready_seconds: float | None = None
-        # why the server could not start; later jobs fall back to a fresh interpreter at once
+        # Why the server could not start. Later jobs then fall back to a fresh interpreter at once.
         self.broken = ""
 
     def _ensure_started(self) -> subprocess.Popen[bytes]:
@@ -387,14 +389,11 @@ class ForkServer:
             if "pid" in reply:
                 pending.pid = int(reply["pid"])
                 pending.started.set()
-            elif "error" in reply:
-                pending.error = str(reply["error"])
-                with self._lock:
-                    self._jobs.pop(request_id, None)
-                pending.started.set()
-                pending.ended.set()
-            elif "exit" in reply:
-                pending.exit_code = int(reply["exit"])
+            elif "error" in reply or "exit" in reply:
+                if "error" in reply:
+                    pending.error = str(reply["error"])
+                else:
+                    pending.exit_code = int(reply["exit"])
                 with self._lock:
                     self._jobs.pop(request_id, None)
                 pending.started.set()
@@ -423,7 +422,7 @@ class ForkServer:
                 process.stdin.write((json.dumps(request) + "\n").encode())
                 process.stdin.flush()
             except (ValueError, OSError) as error:
-                # the reader thread sees the server's end and fails its jobs
+                # the reader thread detects the server's end and fails its jobs
                 logger.warning("could not send %s for job %s to the fork server: %s", request.get("op"),
                                request.get("id"), error)
 
@@ -438,7 +437,7 @@ class ForkServer:
         self.send({"op": "start", "id": request_id, "job_dir": str(job_dir), "task": task,
                    "memory_mb": memory_mb, "output_mb": output_mb, "threads": threads})
         if not pending.started.wait(_START_TIMEOUT_S):
-            raise ForkServerError(f"the fork server did not start the job within {_START_TIMEOUT_S:.0f} s: "
+            raise ForkServerError(f"the fork server timed out after {_START_TIMEOUT_S:.0f} s starting the job: "
                                   f"{_tail(self.log_path)}")
         if pending.lost:
             raise ForkServerError(f"the fork server died while starting the job: {_tail(self.log_path)}")
@@ -452,7 +451,7 @@ class ForkServer:
         return process.pid if process is not None and process.poll() is None else None
 
     def close(self) -> None:
-        """Stop the server; its running children are killed."""
+        """Stop the server, which kills its running children."""
         with self._lock:
             process, self._process = self._process, None
         if process is not None:

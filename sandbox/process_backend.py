@@ -128,11 +128,14 @@ class ProcessBackend(SandboxBackend):
         return ["unshare", "-rn", *command] if self.network_isolated else command
 
     def command(self, job_dir: Path) -> list[str]:
-        """The command of a cold job: a fresh interpreter that runs the worker on `job_dir`."""
+        """Return the command of a cold job: a fresh interpreter that runs the worker on `job_dir`."""
         return self._sandboxed([sys.executable, "-m", "sandbox.worker", str(job_dir)])
 
     def fork_server(self) -> ForkServer:
-        """Return the warm fork server of this sandbox, shared by every backend of the process; started on first use."""
+        """Return the warm fork server of this sandbox, shared by every backend of the process.
+
+        The server starts with the first job that uses it.
+        """
         return _shared_fork_server(self.network_isolated, self._sandboxed([sys.executable, "-m", "sandbox.forkserver"]))
 
     def run(
@@ -252,7 +255,10 @@ def _forward(tail: ProgressTail, on_progress: ProgressCallback | None) -> None:
 def _watch_forked(
     forked: ForkedJob, deadline: float, tail: ProgressTail, on_progress: ProgressCallback | None
 ) -> tuple[bool, int | None]:
-    """Wait for a forked job until its deadline; return (timed out, exit status or None when the server died)."""
+    """Wait for a forked job until its deadline.
+
+    Returns whether it timed out, and its exit status, or None when the server died.
+    """
     timed_out = False
     try:
         while not forked.wait(_POLL_S):
@@ -282,8 +288,8 @@ def _shared_fork_server(network_isolated: bool, command: list[str]) -> ForkServe
         if server is None:
             work_dir = Path(tempfile.mkdtemp(prefix="evolve-forkserver-"))
             (work_dir / "home").mkdir()
-            # one thread while it imports: OpenBLAS and MKL then start no thread pool that a fork would break;
-            # each child sets its own job's thread count
+            # The server imports with one thread, so OpenBLAS and MKL start no thread pool that a fork would break.
+            # Each child then sets its own job's thread count.
             env = build_environment(work_dir / "home", threads=1)
             server = ForkServer(command, env, work_dir)
             _servers[key] = server

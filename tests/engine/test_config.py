@@ -52,7 +52,7 @@ def test_config_from_toml_values(tmp_path):
     assert config.sandbox.train_timeout_s == 300.0
 
 
-def test_warm_start_from_toml_and_command_line(tmp_path):
+def test_warm_start_toml_and_cli(tmp_path):
     from engine.cli import _overrides_from_args, build_run_parser
 
     assert RunConfig().sandbox.warm_start is True

@@ -86,7 +86,7 @@ def test_process_job_environment_is_scrubbed(tmp_path, monkeypatch, warm):
     assert result.metrics["cuda_visible_devices"] == ""
 
 
-def test_process_job_runs_in_its_own_session_with_limits(tmp_path, warm):
+def test_process_job_session_and_limits(tmp_path, warm):
     job = Job(kind=JobKind.EVALUATE, task=PROBE, settings={}, cache_dir=str(tmp_path / "cache"), code=DPO)
     result = ProcessBackend(warm=warm).run(job, tmp_path / "job", Limits(timeout_s=60.0, memory_mb=4096, cpus=2))
     assert result.ok, result.reason + result.log_tail

@@ -138,8 +138,8 @@ def test_killed_ray_worker_job_runs_again(tmp_path, ray_address, toy_task_name, 
         steps.append(event["step"])
         if killed or event["step"] < 3:
             return
-        # the toy task's progress events mark the job as training; find its sandbox worker, a fresh interpreter
-        # or a child of the warm fork server, by its working directory, then the Ray worker above it
+        # The toy task's progress events mark the job as training. Its sandbox worker, a fresh interpreter or a
+        # child of the warm fork server, is found by its working directory, and the Ray worker above it.
         for process in psutil.process_iter(["cmdline"]):
             cmdline = process.info["cmdline"] or []
             if "sandbox.worker" not in cmdline and "sandbox.forkserver" not in cmdline:
